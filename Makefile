@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make run` (the main job) and `make test`.
+# Both create or refresh the local virtualenv first; it is rebuilt when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+PYTEST_ARGS ?=
+
+.PHONY: run test test-all venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "facets needs Python >= 3.11, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m facets.flows.cli ingest \
+		--source nectar=tests/data/sources/nectar/data.jsonl \
+		--source dsp=tests/data/sources/dsp/domain_specific_preference.json \
+		--data-dir $(DATA_DIR) --seed 0
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

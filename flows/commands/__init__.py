@@ -1,0 +1,1 @@
+"""One module per `facets` subcommand: `configure(parser)` and `run(args) -> int`."""
