@@ -55,8 +55,16 @@ def _arrow_type(annotation: Any) -> tuple[pa.DataType, bool]:
 
 
 def to_table(rows: typing.Iterable[BaseModel], model: type[BaseModel]) -> pa.Table:
-    """Validated models to an Arrow table with the derived schema."""
+    """Validated models to an Arrow table with the derived schema.
+
+    Only instances of `model` are accepted: Arrow would otherwise fill missing columns with nulls (even
+    in non-nullable fields) and drop unknown ones without a word.
+    """
     schema = arrow_schema(model)
+    rows = list(rows)
+    for row in rows:
+        if not isinstance(row, model):
+            raise TypeError(f"to_table({model.__name__}) got a {type(row).__name__} row")
     return pa.Table.from_pylist([r.model_dump(by_alias=True) for r in rows], schema=schema)
 
 

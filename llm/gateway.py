@@ -1,0 +1,363 @@
+"""Every LLM call of the factory goes through here (DESIGN principles 2, 3 and 5).
+
+A call is answered from the journal when its key is there; otherwise it waits for the shared limiter,
+reserves its worst-case cost, is sent with tenacity retries that honour `Retry-After`, is checked
+(a reply cut by `max_tokens` is a failure; structured output is validated and asked again with the
+error), and only then journaled and returned. A call that cannot be made good returns None and leaves
+a `Failure` with its raw output; it never raises into the caller's shard. Only conditions that would
+fail every later call raise (`RunAborted`): a bad key or model, an unreachable endpoint, the spend cap,
+or most recent calls failing.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from facets.llm.budget import Budget
+from facets.llm.errors import CallError, EndpointUnreachable, MissingCredentials, RunAborted, TooManyFailures
+from facets.llm.journal import Journal, JournalEntry, request_key
+from facets.llm.limiter import shared_limiter
+from facets.llm.pricing import PriceTable
+from facets.llm.tokens import TokenEstimator
+from facets.llm.transport import make_transport
+from facets.llm.usage import Usage
+from facets.schemas import Failure
+from facets.schemas.config import EndpointConfig, Sampling
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+UNREACHABLE = {"connection", "timeout"}
+SIMULATOR_HINT = "or point OPENAI_BASE_URL at a local OpenAI-compatible server such as `facets simulate --port 8000` (http://127.0.0.1:8000/v1)"
+
+
+class Rejected(ValueError):
+    """A reply that arrived but cannot be used; `reason` names why in the failures table."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Completion(Generic[T]):
+    key: str
+    content: str
+    value: T
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    from_journal: bool
+
+
+def json_schema_format(schema: type[BaseModel]) -> dict:
+    """A strict `json_schema` response format derived from the model."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": schema.__name__, "schema": _strict(schema.model_json_schema()), "strict": True},
+    }
+
+
+def _strict(node: Any) -> Any:
+    """Strict mode wants every property required and no additional properties, recursively."""
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" in node:
+            node["required"] = list(node["properties"])
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+class Gateway:
+    def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None):
+        if endpoint.api_key is None and endpoint.base_url is None:
+            raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        self.journal = journal
+        self.prices = PriceTable(endpoint.prices)
+        self.budget = Budget(endpoint.max_cost)
+        self.usage = Usage()
+        self.failures: list[Failure] = []
+        self.estimator = TokenEstimator()
+        key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
+        retries = endpoint.retries
+        self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s, endpoint.limits.max_in_flight)
+        self._in_flight = asyncio.Semaphore(endpoint.limits.max_in_flight)
+        self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)
+        self._mean_output: dict[str, float] = {}
+        self.check_price(endpoint.model)
+
+    async def __aenter__(self) -> "Gateway":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.transport.close()
+        if self.journal is not None:
+            self.journal.seal()
+
+    def check_price(self, model: str) -> None:
+        if self.budget.max_cost is not None and self.prices.get(model) is None:
+            raise RunAborted(
+                f"max_cost is set but the price of {model!r} is unknown, so spend cannot be capped; "
+                "add it to the price table (EndpointConfig.prices) or unset max_cost"
+            )
+
+    # -- the two ways to call ------------------------------------------------------------------
+    async def chat(
+        self,
+        messages: list[dict],
+        *,
+        stage: str,
+        key: str,
+        sampling: Sampling,
+        salt: object = None,
+        model: str | None = None,
+        check: Callable[[str], None] | None = None,
+        repair_attempts: int = 2,
+    ) -> Completion[str] | None:
+        """Free text. `check` raises ValueError for an unusable reply, which is then asked again."""
+
+        def accept(content: str) -> str:
+            if check is not None:
+                check(content)
+            return content
+
+        return await self._call(messages, stage, key, sampling, salt, model, None, accept, repair_attempts)
+
+    async def parse(
+        self,
+        messages: list[dict],
+        schema: type[M],
+        *,
+        stage: str,
+        key: str,
+        sampling: Sampling,
+        salt: object = None,
+        model: str | None = None,
+        check: Callable[[M], None] | None = None,
+        repair_attempts: int = 2,
+    ) -> Completion[M] | None:
+        """Structured output validated against `schema`; invalid JSON or schema is asked again with the error."""
+
+        def accept(content: str) -> M:
+            try:
+                value = schema.model_validate_json(content)
+            except ValidationError as exc:
+                reason = "invalid_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema_mismatch"
+                raise Rejected(reason, _short_error(exc)) from None
+            if check is not None:
+                check(value)
+            return value
+
+        return await self._call(messages, stage, key, sampling, salt, model, json_schema_format(schema), accept, repair_attempts)
+
+    # -- one logical call: journal, ask, check, repair ---------------------------------------------
+    async def _call(self, messages, stage, key, sampling, salt, model, response_format, accept, repair_attempts):
+        model = model or self.endpoint.model
+        self.check_price(model)
+        fields = sampling.request_fields()
+        jkey = request_key(self.url, model, messages, response_format, fields, salt)
+        cached = self._from_journal(jkey, accept)
+        if cached is not None:
+            return cached
+        body = {"model": model, "messages": messages, **fields}
+        if response_format is not None:
+            body["response_format"] = response_format
+        extra_chars = len(orjson.dumps(response_format)) if response_format else 0
+        content, reason, detail = "", "", ""
+        for _ in range(1 + repair_attempts):
+            try:
+                reply, latency = await self._send(body, model, sampling.max_tokens, extra_chars)
+            except CallError as exc:
+                return self._fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE)
+            content = reply.contents[0]
+            try:
+                if reply.finish_reasons[0] == "length":
+                    raise Rejected("length", f"reply cut at max_tokens={sampling.max_tokens}")
+                value = accept(content)
+            except ValueError as exc:
+                reason, detail = getattr(exc, "reason", "rejected"), str(exc)
+                body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
+                continue
+            self._record_outcome(None)
+            self._journal(jkey, model, reply, value, latency)
+            return Completion(jkey, content, value, reply.prompt_tokens, reply.completion_tokens, latency, False)
+        return self._fail(stage, key, reason, content, detail)
+
+    def _from_journal(self, jkey: str, accept) -> Completion | None:
+        entry = self.journal.get(jkey) if self.journal is not None else None
+        if entry is None:
+            return None
+        try:
+            value = accept(entry.content)
+        except ValueError:
+            return None  # a check that got stricter since: ask again
+        self.usage.journal_hits += 1
+        usage = entry.usage or {}
+        return Completion(
+            jkey, entry.content, value, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), entry.latency_s, True
+        )
+
+    def _journal(self, jkey: str, model: str, reply, value, latency: float) -> None:
+        if self.journal is None:
+            return
+        parsed = value.model_dump(mode="json") if isinstance(value, BaseModel) else None
+        self.journal.put(
+            JournalEntry(
+                key=jkey,
+                model=model,
+                content=reply.contents[0],
+                finish_reason=reply.finish_reasons[0],
+                parsed=parsed,
+                usage={
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion_tokens,
+                    "cached_tokens": reply.cached_tokens,
+                },
+                latency_s=latency,
+                source="online",
+            )
+        )
+
+    # -- one HTTP request, retried ---------------------------------------------------------------
+    async def _send(self, body: dict, model: str, max_tokens: int, extra_chars: int):
+        retries = self.endpoint.retries
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(retries.max_attempts),
+            wait=self._backoff,
+            retry=retry_if_exception(lambda e: isinstance(e, CallError) and e.retryable),
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(retries.deadline_s):
+                async for attempt in retrying:
+                    with attempt:
+                        if attempt.retry_state.attempt_number > 1:
+                            self.usage.retries += 1
+                        return await self._attempt(body, model, max_tokens, extra_chars)
+        except TimeoutError:
+            raise CallError("deadline", f"no good reply within the call deadline of {retries.deadline_s:g}s") from None
+
+    def _backoff(self, state) -> float:
+        """Exponential with full jitter, but never sooner than the server's Retry-After."""
+        retries = self.endpoint.retries
+        ceiling = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (state.attempt_number - 1))
+        error = state.outcome.exception() if state.outcome else None
+        told = getattr(error, "retry_after", None) or 0.0
+        return max(told, random.uniform(0, ceiling))
+
+    async def _attempt(self, body: dict, model: str, max_tokens: int, extra_chars: int):
+        limiter = shared_limiter(self.url, model, self.endpoint.limits)
+        raw_estimate = self.estimator.raw(body["messages"], extra_chars)
+        input_tokens = self.estimator.estimate(body["messages"], extra_chars)
+        output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
+        reservation, wait = limiter.reserve(input_tokens, output_tokens)
+        await asyncio.sleep(wait)
+        while (pause := limiter.pause_remaining()) > 0:
+            await asyncio.sleep(pause)
+        price = self.prices.get(model)
+        held = self.budget.reserve(price.cost(input_tokens, max_tokens) if price else 0.0)
+        async with self._in_flight:
+            started = time.perf_counter()
+            self.usage.requests += 1
+            try:
+                reply = await self.transport.chat(body)
+            except CallError as exc:
+                self._count_error(exc, limiter)
+                limiter.release(reservation)
+                self.budget.settle(held, 0.0)
+                raise
+            except BaseException:
+                limiter.release(reservation)
+                self.budget.settle(held, 0.0)
+                raise
+        latency = time.perf_counter() - started
+        cost = price.cost(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens) if price else None
+        self.budget.settle(held, cost or 0.0)
+        limiter.observe_headers(reply.headers)
+        limiter.settle(reservation, reply.prompt_tokens, reply.completion_tokens)
+        self.estimator.observe(raw_estimate, reply.prompt_tokens)
+        self._learn_output(model, reply.completion_tokens)
+        self.usage.add_reply(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, cost, latency)
+        return reply, latency
+
+    def _count_error(self, exc: CallError, limiter) -> None:
+        if exc.status == 429:
+            self.usage.rate_limited += 1
+            limiter.rate_limited(exc.retry_after)
+        else:
+            self.usage.errors[exc.reason] += 1
+
+    def _learn_output(self, model: str, completion_tokens: int) -> None:
+        mean = self._mean_output.get(model)
+        self._mean_output[model] = completion_tokens if mean is None else mean + 0.05 * (completion_tokens - mean)
+
+    # -- failures and the early stop -------------------------------------------------------------
+    def _fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False) -> None:
+        self.failures.append(Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000]))
+        self.usage.failures[reason] += 1
+        if unreachable and self.usage.ok == 0:
+            raise EndpointUnreachable(
+                f"{self.url} could not be reached after {self.endpoint.retries.max_attempts} attempts ({detail}); "
+                f"check OPENAI_BASE_URL, {SIMULATOR_HINT}"
+            )
+        self._record_outcome(None if reason == "rate_limited" else reason)
+        return None
+
+    def _record_outcome(self, failure_reason: str | None) -> None:
+        self._recent.append(failure_reason)
+        if len(self._recent) < self._recent.maxlen:
+            return
+        failed = [r for r in self._recent if r is not None]
+        if len(failed) > self.endpoint.max_failure_rate * len(self._recent):
+            top = ", ".join(f"{r} x{n}" for r, n in Counter(failed).most_common(3))
+            raise TooManyFailures(
+                f"stopped early: {len(failed)} of the last {len(self._recent)} calls failed ({top}); "
+                "failures are kept with their raw outputs, and a rerun retries only those"
+            )
+
+    def drain_failures(self) -> list[Failure]:
+        failures, self.failures = self.failures, []
+        return failures
+
+
+def _short_error(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in exc.errors()[:8])
+
+
+def _repair_turns(content: str, reason: str, detail: str) -> list[dict]:
+    if reason == "length":
+        ask = "That reply was cut off by the length limit. Answer again, complete and shorter."
+    else:
+        ask = f"That reply could not be used ({reason}: {detail}). Answer again, fixing exactly this."
+    return [{"role": "assistant", "content": content}, {"role": "user", "content": ask}]
+
+
+async def run_bounded(calls: Iterable[Awaitable[T]] | Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Run many calls with at most `limit` coroutines alive, so memory is bounded by `limit`, not by the queue."""
+    results: list[T] = []
+    iterator = iter(enumerate(calls))
+    slots: dict[int, T] = {}
+
+    async def worker() -> None:
+        for index, call in iterator:
+            slots[index] = await (call() if callable(call) else call)
+
+    await asyncio.gather(*(worker() for _ in range(limit)))
+    results.extend(slots[i] for i in sorted(slots))
+    return results

@@ -1,0 +1,160 @@
+"""Pacing per (endpoint, model): request, token, input-token and output-token buckets (decision 6).
+
+Each call reserves what it will cost from every bucket at once and sleeps until the buckets have
+refilled enough: no polling, and a FIFO order by construction. Reported usage corrects a reservation;
+`x-ratelimit-*` headers pull the buckets down to what the server says is left. A 429 cuts the allowed
+rate multiplicatively (recovered additively on success), and a burst of 429s pauses every call to the
+endpoint at once (a circuit breaker), not one coroutine at a time. The limiter keeps no asyncio objects,
+so one instance can pace coroutines in several event loops of one process.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from facets.schemas.config import RateLimits
+
+MIN_FACTOR = 0.05
+RECOVERY_PER_SUCCESS = 0.01
+BREAKER_WINDOW_S = 5.0
+BREAKER_THRESHOLD = 5
+DEFAULT_PAUSE_S = 2.0
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str | None) -> float | None:
+    """OpenAI's reset durations: '1s', '6m0s', '120ms', '0.5s' or a bare number of seconds."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parts = _DURATION.findall(value)
+        return sum(float(n) * _UNIT_S[u] for n, u in parts) if parts else None
+
+
+class Bucket:
+    """A token bucket whose level may go negative: the debt is what later callers wait for."""
+
+    __slots__ = ("rate", "capacity", "level", "stamp")
+
+    def __init__(self, per_minute: float, burst_s: float, now: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.level = self.capacity
+        self.stamp = now
+
+    def refill(self, now: float, factor: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate * factor)
+        self.stamp = now
+
+    def reserve(self, amount: float, now: float, factor: float) -> float:
+        """Debit `amount`; return seconds until the balance is non-negative again."""
+        self.refill(now, factor)
+        self.level -= amount
+        return 0.0 if self.level >= 0 else -self.level / (self.rate * factor)
+
+
+@dataclass(slots=True)
+class Reservation:
+    input_tokens: float
+    output_tokens: float
+
+
+class Limiter:
+    def __init__(self, limits: RateLimits, clock=time.monotonic):
+        self.limits = limits
+        self.clock = clock
+        self._lock = threading.Lock()
+        now = clock()
+        self.requests = Bucket(limits.rpm, limits.burst_s, now) if limits.rpm else None
+        self.tokens = Bucket(limits.tpm, limits.burst_s, now) if limits.tpm else None
+        self.input = Bucket(limits.itpm, limits.burst_s, now) if limits.itpm else None
+        self.output = Bucket(limits.otpm, limits.burst_s, now) if limits.otpm else None
+        self.factor = 1.0
+        self.paused_until = 0.0
+        self._recent_429s: deque[float] = deque()
+
+    def reserve(self, input_tokens: float, output_tokens: float) -> tuple[Reservation, float]:
+        """Reserve one request's budget; returns the reservation and the seconds to wait before sending."""
+        with self._lock:
+            now = self.clock()
+            wait = 0.0
+            for bucket, amount in self._charges(1.0, input_tokens, output_tokens):
+                wait = max(wait, bucket.reserve(amount, now, self.factor))
+            wait = max(wait, self.paused_until - now)
+        return Reservation(input_tokens, output_tokens), wait
+
+    def pause_remaining(self) -> float:
+        return max(0.0, self.paused_until - self.clock())
+
+    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
+        """Correct the token buckets by the difference between reserved and reported usage."""
+        with self._lock:
+            now = self.clock()
+            for bucket, delta in self._charges(
+                0.0, input_tokens - reservation.input_tokens, output_tokens - reservation.output_tokens
+            ):
+                bucket.refill(now, self.factor)
+                bucket.level = min(bucket.capacity, bucket.level - delta)
+            self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
+
+    def release(self, reservation: Reservation) -> None:
+        """A request that never reached the server (or was refused with 429) gives its tokens back."""
+        self.settle(reservation, 0, 0)
+
+    def _charges(self, requests: float, input_tokens: float, output_tokens: float):
+        if self.requests is not None and requests:
+            yield self.requests, requests
+        if self.tokens is not None:
+            yield self.tokens, input_tokens + output_tokens
+        if self.input is not None:
+            yield self.input, input_tokens
+        if self.output is not None:
+            yield self.output, output_tokens
+
+    def observe_headers(self, headers) -> None:
+        """Never believe we have more budget left than the server says we do."""
+        with self._lock:
+            now = self.clock()
+            for bucket, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
+                remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+                if bucket is None or remaining is None:
+                    continue
+                try:
+                    remaining = float(remaining)
+                except ValueError:
+                    continue
+                bucket.refill(now, self.factor)
+                if remaining < bucket.level:
+                    bucket.level = remaining
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        """A 429: cut the rate; several within a few seconds pause every caller until the server's reset."""
+        with self._lock:
+            now = self.clock()
+            self.factor = max(MIN_FACTOR, self.factor * 0.5)
+            self._recent_429s.append(now)
+            while self._recent_429s and self._recent_429s[0] < now - BREAKER_WINDOW_S:
+                self._recent_429s.popleft()
+            if retry_after is not None or len(self._recent_429s) >= BREAKER_THRESHOLD:
+                pause = retry_after if retry_after is not None else DEFAULT_PAUSE_S
+                self.paused_until = max(self.paused_until, now + pause)
+
+
+_SHARED: dict[tuple[str, str], Limiter] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_limiter(endpoint: str, model: str, limits: RateLimits) -> Limiter:
+    """One limiter per (endpoint, model) per process, shared by every gateway that calls it."""
+    with _SHARED_LOCK:
+        limiter = _SHARED.get((endpoint, model))
+        if limiter is None or limiter.limits != limits:
+            limiter = _SHARED[(endpoint, model)] = Limiter(limits)
+        return limiter
