@@ -1,4 +1,4 @@
-"""The `facets` command line: one subcommand per module, imported only when used."""
+"""The `facets` command line: one subcommand per module, imported only when it is used."""
 from __future__ import annotations
 
 import argparse
@@ -12,17 +12,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _overview() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facets", description="Build, train on and evaluate the Multifaceted Collection.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="facets", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text)
-    args, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    command_parser = argparse.ArgumentParser(prog=f"facets {args.command}", description=COMMANDS[args.command][1])
-    module.configure(command_parser)
-    argv = sys.argv[1:] if argv is None else argv
-    return int(module.run(command_parser.parse_args(argv[argv.index(args.command) + 1 :])) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        _overview().parse_args(argv)  # prints usage, or the error for an unknown command
+        _overview().print_help()
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"facets {name}", description=help_text)
+    module.configure(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
 
 
 if __name__ == "__main__":

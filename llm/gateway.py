@@ -58,6 +58,34 @@ class Completion(Generic[T]):
     from_journal: bool
 
 
+@dataclass(slots=True, frozen=True)
+class Call:
+    key: str
+    body: dict
+    model: str
+    max_tokens: int
+    accept: Callable[[str], Any]
+    extra_chars: int
+
+
+def _acceptor(schema: type[BaseModel] | None, check: Callable[[Any], None] | None) -> Callable[[str], Any]:
+    """Text -> accepted value; ValueError (or `Rejected`) for a reply that cannot be used."""
+
+    def accept(content: str) -> Any:
+        value = content
+        if schema is not None:
+            try:
+                value = schema.model_validate_json(content)
+            except ValidationError as exc:
+                reason = "invalid_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema_mismatch"
+                raise Rejected(reason, _short_error(exc)) from None
+        if check is not None:
+            check(value)
+        return value
+
+    return accept
+
+
 def json_schema_format(schema: type[BaseModel]) -> dict:
     """A strict `json_schema` response format derived from the model."""
     return {
@@ -131,13 +159,8 @@ class Gateway:
         repair_attempts: int = 2,
     ) -> Completion[str] | None:
         """Free text. `check` raises ValueError for an unusable reply, which is then asked again."""
-
-        def accept(content: str) -> str:
-            if check is not None:
-                check(content)
-            return content
-
-        return await self._call(messages, stage, key, sampling, salt, model, None, accept, repair_attempts)
+        call = self.prepare(messages, sampling, salt=salt, model=model, check=check)
+        return await self.run(call, stage, key, repair_attempts)
 
     async def parse(
         self,
@@ -153,74 +176,83 @@ class Gateway:
         repair_attempts: int = 2,
     ) -> Completion[M] | None:
         """Structured output validated against `schema`; invalid JSON or schema is asked again with the error."""
+        call = self.prepare(messages, sampling, schema=schema, salt=salt, model=model, check=check)
+        return await self.run(call, stage, key, repair_attempts)
 
-        def accept(content: str) -> M:
-            try:
-                value = schema.model_validate_json(content)
-            except ValidationError as exc:
-                reason = "invalid_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema_mismatch"
-                raise Rejected(reason, _short_error(exc)) from None
-            if check is not None:
-                check(value)
-            return value
-
-        return await self._call(messages, stage, key, sampling, salt, model, json_schema_format(schema), accept, repair_attempts)
-
-    # -- one logical call: journal, ask, check, repair ---------------------------------------------
-    async def _call(self, messages, stage, key, sampling, salt, model, response_format, accept, repair_attempts):
+    def prepare(self, messages, sampling: Sampling, *, schema=None, check=None, salt=None, model=None) -> "Call":
+        """Everything about a call that decides its reply, its journal key and how a reply is accepted."""
         model = model or self.endpoint.model
         self.check_price(model)
         fields = sampling.request_fields()
-        jkey = request_key(self.url, model, messages, response_format, fields, salt)
-        cached = self._from_journal(jkey, accept)
-        if cached is not None:
-            return cached
+        response_format = json_schema_format(schema) if schema is not None else None
         body = {"model": model, "messages": messages, **fields}
         if response_format is not None:
             body["response_format"] = response_format
-        extra_chars = len(orjson.dumps(response_format)) if response_format else 0
+        return Call(
+            key=request_key(self.url, model, messages, response_format, fields, salt),
+            body=body,
+            model=model,
+            max_tokens=sampling.max_tokens,
+            accept=_acceptor(schema, check),
+            extra_chars=len(orjson.dumps(response_format)) if response_format else 0,
+        )
+
+    # -- one logical call: journal, ask, check, repair ---------------------------------------------
+    async def run(self, call: "Call", stage: str, key: str, repair_attempts: int = 2) -> Completion | None:
+        cached = self.from_journal(call)
+        if cached is not None:
+            return cached
+        messages, body = call.body["messages"], call.body
         content, reason, detail = "", "", ""
         for _ in range(1 + repair_attempts):
             try:
-                reply, latency = await self._send(body, model, sampling.max_tokens, extra_chars)
+                reply, latency = await self._send(body, call.model, call.max_tokens, call.extra_chars)
             except CallError as exc:
-                return self._fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE)
-            content = reply.contents[0]
+                return self.fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE)
             try:
-                if reply.finish_reasons[0] == "length":
-                    raise Rejected("length", f"reply cut at max_tokens={sampling.max_tokens}")
-                value = accept(content)
-            except ValueError as exc:
-                reason, detail = getattr(exc, "reason", "rejected"), str(exc)
+                value = self.judge(call, reply)
+            except Rejected as exc:
+                content, reason, detail = reply.contents[0], exc.reason, str(exc)
                 body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
                 continue
             self._record_outcome(None)
-            self._journal(jkey, model, reply, value, latency)
-            return Completion(jkey, content, value, reply.prompt_tokens, reply.completion_tokens, latency, False)
-        return self._fail(stage, key, reason, content, detail)
+            self.record(call, reply, value, latency, "online")
+            return Completion(call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, latency, False)
+        return self.fail(stage, key, reason, content, detail)
 
-    def _from_journal(self, jkey: str, accept) -> Completion | None:
-        entry = self.journal.get(jkey) if self.journal is not None else None
+    @staticmethod
+    def judge(call: "Call", reply) -> Any:
+        """The accepted value of a reply, or `Rejected`: a reply cut by max_tokens is never a row."""
+        if reply.finish_reasons[0] == "length":
+            raise Rejected("length", f"reply cut at max_tokens={call.max_tokens}")
+        try:
+            return call.accept(reply.contents[0])
+        except Rejected:
+            raise
+        except ValueError as exc:
+            raise Rejected("rejected", str(exc)) from None
+
+    def from_journal(self, call: "Call") -> Completion | None:
+        entry = self.journal.get(call.key) if self.journal is not None else None
         if entry is None:
             return None
         try:
-            value = accept(entry.content)
+            value = call.accept(entry.content)
         except ValueError:
             return None  # a check that got stricter since: ask again
         self.usage.journal_hits += 1
-        usage = entry.usage or {}
-        return Completion(
-            jkey, entry.content, value, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), entry.latency_s, True
-        )
+        usage = entry.usage
+        return Completion(call.key, entry.content, value, usage.prompt_tokens, usage.completion_tokens, entry.latency_s, True)
 
-    def _journal(self, jkey: str, model: str, reply, value, latency: float) -> None:
+    def record(self, call: "Call", reply, value, latency: float, source: str) -> None:
+        """Journal an accepted reply before it counts as done (never pay twice)."""
         if self.journal is None:
             return
         parsed = value.model_dump(mode="json") if isinstance(value, BaseModel) else None
         self.journal.put(
             JournalEntry(
-                key=jkey,
-                model=model,
+                key=call.key,
+                model=call.model,
                 content=reply.contents[0],
                 finish_reason=reply.finish_reasons[0],
                 parsed=parsed,
@@ -230,7 +262,7 @@ class Gateway:
                     "cached_tokens": reply.cached_tokens,
                 },
                 latency_s=latency,
-                source="online",
+                source=source,
             )
         )
 
@@ -308,7 +340,7 @@ class Gateway:
         self._mean_output[model] = completion_tokens if mean is None else mean + 0.05 * (completion_tokens - mean)
 
     # -- failures and the early stop -------------------------------------------------------------
-    def _fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False) -> None:
+    def fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False) -> None:
         self.failures.append(Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000]))
         self.usage.failures[reason] += 1
         if unreachable and self.usage.ok == 0:

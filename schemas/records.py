@@ -158,7 +158,9 @@ class Pair(StageRecord):
 
 
 class Failure(Record):
-    """A row that could not be produced, kept with its reason and the last raw output."""
+    """A row that could not be produced, kept with its reason and the last raw output, byte for byte."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
     stage: str = NonEmpty
     key: str = NonEmpty

@@ -53,8 +53,8 @@ class Catalog:
         for table, model in TABLE_MODELS.items():
             self._view(table, self.store.files(table), arrow_schema(model))
         for version, name, files in self.release_tables():
-            self._view(f"release_{name}", files, None)
-            self._view(f"release_{_ident(version)}_{name}", files, None)
+            self._view(f"release_{_ident(name)}", files, None)
+            self._view(f"release_{_ident(version)}_{_ident(name)}", files, None)
 
     def release_tables(self) -> list[tuple[str, str, list[str]]]:
         """(version, name, files) of every release table, the newest version last."""

@@ -66,7 +66,9 @@ class Store:
         return self.write(FAILURES, failures, label)
 
     def write_table(self, directory: str, table: pa.Table, label: str = "part") -> str:
-        name = f"{label}-{self.writer_id}-{next(self._sequence):06d}.parquet"
+        # the random tail keeps two stores given the same writer id (a restarted worker) from replacing
+        # each other's files: a rename or a PUT onto an existing name would lose rows without a word
+        name = f"{label}-{self.writer_id}-{next(self._sequence):06d}-{uuid.uuid4().hex[:8]}.parquet"
         path = f"{directory}/{name}"
         self.fs.makedirs(directory, exist_ok=True)
         if self.is_local:
