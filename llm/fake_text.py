@@ -170,7 +170,7 @@ def reply_length(rng: random.Random, mean_tokens: int) -> int:
     return max(8, round(rng.lognormvariate(math.log(mean_tokens) - sigma * sigma / 2, sigma)))
 
 
-def prose(rng: random.Random, target_tokens: int, phrases: list[str]) -> str:
+def prose(rng: random.Random, target_tokens: int, phrases: list[str], one_paragraph: bool = False) -> str:
     """Second-person paragraphs of about `target_tokens` that contain every phrase verbatim."""
     woven = [fill(rng, WEAVE, phrase=_as_sentence(p)) for p in phrases]
     budget = target_tokens - sum(count_tokens(s) for s in woven)
@@ -180,7 +180,8 @@ def prose(rng: random.Random, target_tokens: int, phrases: list[str]) -> str:
         text, tokens = pick(rng, YOU_OR_YOUR)
         fillers.append(text)
         used += tokens
-    return _paragraphs(rng, _interleave(fillers, woven))
+    parts = _interleave(fillers, woven)
+    return " ".join(parts) if one_paragraph else _paragraphs(rng, parts)
 
 
 def off_spec_prose(rng: random.Random, target_tokens: int) -> str:

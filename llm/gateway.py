@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -94,6 +95,19 @@ def json_schema_format(schema: type[BaseModel]) -> dict:
     }
 
 
+# schema -> (its response format, that format's length as JSON). Deriving a JSON schema costs ~2 ms,
+# more than the rest of a call, so `prepare` derives it once per model; the dict is shared, read-only.
+_FORMATS: weakref.WeakKeyDictionary[type, tuple[dict, int]] = weakref.WeakKeyDictionary()
+
+
+def _cached_format(schema: type[BaseModel]) -> tuple[dict, int]:
+    cached = _FORMATS.get(schema)
+    if cached is None:
+        response_format = json_schema_format(schema)
+        cached = _FORMATS[schema] = (response_format, len(orjson.dumps(response_format)))
+    return cached
+
+
 def _strict(node: Any) -> Any:
     """Strict mode wants every property required and no additional properties, recursively."""
     if isinstance(node, dict):
@@ -108,14 +122,14 @@ def _strict(node: Any) -> Any:
 
 
 class Gateway:
-    def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None):
+    def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None):
         if endpoint.api_key is None and endpoint.base_url is None:
             raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
         self.endpoint = endpoint
         self.url = endpoint.url
         self.journal = journal
         self.prices = PriceTable(endpoint.prices)
-        self.budget = Budget(endpoint.max_cost)
+        self.budget = budget or Budget(endpoint.max_cost)  # shared by the gateways of one run: one cap
         self.usage = Usage()
         self.failures: list[Failure] = []
         self.estimator = TokenEstimator()
@@ -184,7 +198,7 @@ class Gateway:
         model = model or self.endpoint.model
         self.check_price(model)
         fields = sampling.request_fields()
-        response_format = json_schema_format(schema) if schema is not None else None
+        response_format, extra_chars = _cached_format(schema) if schema is not None else (None, 0)
         body = {"model": model, "messages": messages, **fields}
         if response_format is not None:
             body["response_format"] = response_format
@@ -194,7 +208,7 @@ class Gateway:
             model=model,
             max_tokens=sampling.max_tokens,
             accept=_acceptor(schema, check),
-            extra_chars=len(orjson.dumps(response_format)) if response_format else 0,
+            extra_chars=extra_chars,
         )
 
     # -- one logical call: journal, ask, check, repair ---------------------------------------------

@@ -44,6 +44,7 @@ from facets.llm.fake_text import (
     sentences,
 )
 
+ONE_PARAGRAPH = re.compile(r"\b(?:one|a single) paragraph\b", re.IGNORECASE)
 FAULT_KINDS = ("http_500", "http_503", "drop", "hang", "truncated_json", "invalid_json", "off_spec", "length")
 TRANSPORT_FAULTS = frozenset({"http_500", "http_503", "drop", "hang"})
 CHAT_PATH = "/v1/chat/completions"
@@ -341,11 +342,13 @@ def completion(body: dict, digest: bytes, fault: str | None, prompt: int,
     """The chat.completion object for `body` and its completion token count."""
     rng = random.Random(digest + b"/" + str(config.seed).encode())
     mode, schema = reply_mode(body)
-    phrases = quoted_phrases(_last_user_text(body["messages"])) if mode == "prose" else []
+    asked = _last_user_text(body["messages"]) if mode == "prose" else ""
+    phrases = quoted_phrases(asked)
+    one_paragraph = bool(ONE_PARAGRAPH.search(asked))  # a model follows "in one paragraph"
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     choices, total = [], 0
     for index in range(body.get("n") or 1):
-        text, finish, tokens = _choice(rng, mode, schema, phrases, fault, limit, config.response_tokens)
+        text, finish, tokens = _choice(rng, mode, schema, phrases, fault, limit, config.response_tokens, one_paragraph)
         total += tokens
         choices.append({"index": index, "finish_reason": finish, "logprobs": None,
                         "message": {"role": "assistant", "content": text, "refusal": None}})
@@ -363,9 +366,9 @@ def _last_user_text(messages: list[dict]) -> str:
 
 
 def _choice(rng: random.Random, mode: str, schema: dict | None, phrases: list[str], fault: str | None,
-            limit: int | None, mean_tokens: int) -> tuple[str, str, int]:
+            limit: int | None, mean_tokens: int, one_paragraph: bool = False) -> tuple[str, str, int]:
     """(content, finish_reason, completion tokens) for one choice; cut at `limit` like a real server."""
-    text = _content(rng, mode, schema, phrases, fault, mean_tokens)
+    text = _content(rng, mode, schema, phrases, fault, mean_tokens, one_paragraph)
     if fault == "truncated_json":
         text = cut_half(text) if mode == "prose" else text[: len(text) // 2]
     tokens = count_tokens(text)
@@ -377,12 +380,12 @@ def _choice(rng: random.Random, mode: str, schema: dict | None, phrases: list[st
 
 
 def _content(rng: random.Random, mode: str, schema: dict | None, phrases: list[str],
-             fault: str | None, mean_tokens: int) -> str:
+             fault: str | None, mean_tokens: int, one_paragraph: bool = False) -> str:
     if mode == "prose":
         target = reply_length(rng, mean_tokens)
         if fault == "off_spec":
             return off_spec_prose(rng, target)
-        text = prose(rng, target, phrases)
+        text = prose(rng, target, phrases, one_paragraph)
         return orjson.dumps({"response": text}).decode() if fault == "invalid_json" else text
     if mode == "schema":
         instance = schema_instance(schema, rng, dull=fault == "off_spec")

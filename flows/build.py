@@ -1,0 +1,177 @@
+"""The `build-collection` flow: ingest, then trees -> sets -> system messages -> responses -> pairs per shard,
+then a release.
+
+Prefect sees one task run per (stage, shard), never one per LLM call (DESIGN principle 4): inside a task
+one event loop drives hundreds of calls through the gateway. Shards run concurrently, each through its
+stages in order, so no stage waits for the slowest shard of the one before. A crashed (stage, shard)
+is retried by Prefect and resumes from the stored rows and the journal; conditions that would fail
+every call (`RunAborted`: bad key, spend cap, most calls failing) are not retried.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from facets.llm.batch import BatchRunner
+from facets.llm.budget import Budget
+from facets.llm.errors import RunAborted
+from facets.llm.gateway import Gateway
+from facets.llm.journal import Journal
+from facets.llm.preflight import check_endpoint
+from facets.schemas.config import LLM_STAGES, BuildConfig
+from facets.storage import Store
+from facets.tasks import pairs, preference_sets, preference_trees, responses, system_messages
+from facets.flows.report import BuildReport, Progress, publish_artifacts
+from facets.tasks.context import BuildContext
+from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
+from facets.tasks.selection import Pool
+from facets.tasks.shard import Shard
+from facets.tasks.templates import load_template
+
+STAGE_RUNNERS = {
+    "preference_trees": preference_trees.run,
+    "preference_sets": preference_sets.run,
+    "system_messages": system_messages.run,
+    "responses": responses.run,
+    "pairs": pairs.run,
+}
+# Listeners of progress in this process (the CLI's progress bar); flow parameters must stay serialisable.
+PROGRESS_LISTENERS: list[Callable[[Progress], None]] = []
+
+
+def _retry_unless_aborted(task_, task_run, state) -> bool:
+    return not isinstance(state.data, RunAborted)
+
+
+@task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.name}", retry_delay_seconds=2)
+async def run_stage(stage: str, ctx: BuildContext, shard: Shard) -> dict[str, int]:
+    await STAGE_RUNNERS[stage](ctx, shard)
+    count = shard.counts[stage]
+    return {"reused": count.reused, "made": count.made, "failed": count.failed}
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_sources(config: BuildConfig) -> str:
+    from facets.tasks.ingest import ingest
+
+    return ingest(config.data_dir, config.sources, seed=config.seed).table()
+
+
+def load_templates(config: BuildConfig) -> dict:
+    return {
+        "preference_tree": load_template("preference_tree", config.templates_dir, depends_on=(preference_trees.SEEDS,)),
+        "system_message": load_template("system_message", config.templates_dir),
+        "gold_response": load_template("gold_response", config.templates_dir),
+    }
+
+
+async def open_context(config: BuildConfig, store: Store) -> BuildContext:
+    """Checks the endpoint and prices, then one gateway per LLM stage over one journal and one budget."""
+    models = sorted({config.model_of(stage) for stage in LLM_STAGES})
+    await check_endpoint(config.endpoint, models)
+    journal = Journal(config.data_dir)
+    budget = Budget(config.endpoint.max_cost)
+    gateways = {stage: Gateway(config.endpoint, journal, budget) for stage in LLM_STAGES}
+    for model in models:
+        gateways["responses"].check_price(model)
+    batches = None
+    if config.mode == "batch":
+        batches = {stage: BatchRunner(gateways[stage], config.data_dir, poll_initial_s=config.batch_poll_s)
+                   for stage in LLM_STAGES}
+    return BuildContext(config, store, load_templates(config), gateways, batches)
+
+
+async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress) -> list[Shard]:
+    """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8)."""
+    config, done = ctx.config, []
+    limit = asyncio.Semaphore(config.max_concurrent_shards)
+    stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=_retry_unless_aborted)
+
+    async def one(shard: Shard) -> Shard:
+        async with limit:
+            for stage in STAGES:
+                await stage_task(stage, ctx, shard)
+                await progress.advance(stage, shard)
+        return shard
+
+    while (short := wanted - sum(len(s.accepted()) for s in done)) > 0 and pool.remaining:
+        instructions = pool.draw(short)
+        width = buckets_per_shard(len(instructions), config.shard_size)
+        shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, config.sets_per_instruction)
+                  for (lo, hi), group in shard_ranges(instructions, width).items()]
+        progress.add(len(shards) * len(STAGES), len(instructions))
+        done.extend(await asyncio.gather(*(one(s) for s in shards)))
+    return done
+
+
+@flow(name="build-collection", log_prints=True, persist_result=False)
+async def build_collection(config: BuildConfig) -> dict:
+    """Build (or incrementally rebuild) the Multifaceted Collection and publish a release when it changed."""
+    started = time.monotonic()
+    logger = get_run_logger()
+    store = Store(config.data_dir)
+    if config.sources:
+        logger.info("ingested:\n%s", ingest_sources(config))
+    pool = Pool(store, config.seed)
+    if not len(pool):
+        raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
+    wanted = min(config.limit or len(pool), len(pool))
+    progress = Progress(listeners=PROGRESS_LISTENERS)
+    ctx = await open_context(config, store)
+    try:
+        shards = await build_shards(ctx, pool, wanted, progress)
+    finally:
+        await ctx.aclose()
+    report = BuildReport.collect(config, ctx, shards, wanted, time.monotonic() - started)
+    if report.accepted < wanted:
+        logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in %s/failures",
+                       report.accepted, wanted, config.data_dir)
+    if config.publish and report.accepted:
+        report.release = publish(ctx, shards, report)
+    await publish_artifacts(report)
+    logger.info(report.text())
+    return report.model_dump(mode="json")
+
+
+def publish(ctx: BuildContext, shards: list[Shard], report: BuildReport) -> dict:
+    from facets.tasks.release import ReleaseInfo, publish_release
+
+    info = ReleaseInfo(
+        models={stage: ctx.config.model_of(stage) for stage in LLM_STAGES},
+        prompt_versions={name: t.version for name, t in ctx.templates.items()},
+        usage={stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()},
+        build_seconds=report.seconds, seed=ctx.config.seed,
+        config=ctx.config.model_dump(mode="json", exclude={"endpoint": {"api_key"}}),
+    )
+    release = publish_release(ctx.store, expected_rows(shards), info, seed=ctx.config.seed,
+                              test_fraction=ctx.config.test_fraction)
+    return {"version": release.version, "path": str(release.path), "is_new": release.is_new}
+
+
+def expected_rows(shards: list[Shard]):
+    """The long (stage, instruction_id, set_index, fingerprint) table of the accepted instructions."""
+    import pyarrow as pa
+
+    from facets.tasks.plan import PAIR_INDEX
+
+    columns: dict[str, list] = {"stage": [], "instruction_id": [], "set_index": [], "fingerprint": []}
+
+    def add(stage: str, iid: str, index: int, fp: str) -> None:
+        for column, value in zip(columns, (stage, iid, index, fp)):
+            columns[column].append(value)
+
+    for shard in shards:
+        for iid in shard.accepted():
+            plan = shard.plans[iid]
+            for index in range(shard.sets):
+                add("preference_sets", iid, index, plan.preference_sets)
+                add("system_messages", iid, index, plan.system_messages)
+                add("responses", iid, index, plan.responses)
+            add("pairs", iid, PAIR_INDEX, plan.pairs)
+    return pa.table(columns, schema=pa.schema([("stage", pa.string()), ("instruction_id", pa.string()),
+                                                ("set_index", pa.int64()), ("fingerprint", pa.string())]))
+

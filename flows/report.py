@@ -1,0 +1,133 @@
+"""What a build reports: progress while it runs, and a summary (Prefect artifacts and text) at the end."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from facets.schemas.config import BuildConfig
+from facets.tasks.plan import STAGES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """(stage, shard) units done of those planned; listeners see every step, Prefect a throttled bar."""
+
+    listeners: list[Callable[["Progress"], None]] = field(default_factory=list)
+    total: int = 0
+    done: int = 0
+    instructions: int = 0
+    last: str = ""
+    started: float = field(default_factory=time.monotonic)
+    _artifact: Any = None
+    _pushed: float = 0.0
+
+    def add(self, units: int, instructions: int) -> None:
+        self.total += units
+        self.instructions += instructions
+
+    async def advance(self, stage: str, shard) -> None:
+        self.done += 1
+        self.last = f"{stage} {shard.name}"
+        for listener in self.listeners:
+            listener(self)
+        if self.done == self.total or time.monotonic() - self._pushed > 2.0:
+            self._pushed = time.monotonic()
+            await self._push()
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+    async def _push(self) -> None:
+        from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+        try:
+            if self._artifact is None:
+                self._artifact = await acreate_progress_artifact(100 * self.fraction, key="build-progress",
+                                                                 description="(stage, shard) tasks done")
+            else:
+                await aupdate_progress_artifact(self._artifact, 100 * self.fraction)
+        except Exception as exc:  # progress is a courtesy: never fail a build for it
+            log.debug("progress artifact not updated: %s", exc)
+
+
+class BuildReport(BaseModel):
+    wanted: int
+    accepted: int
+    drawn: int
+    shards: int
+    stages: dict[str, dict[str, int]]
+    failures: dict[str, int]
+    usage: dict[str, dict[str, Any]]
+    seconds: float
+    release: dict[str, Any] | None = None
+
+    @classmethod
+    def collect(cls, config: BuildConfig, ctx, shards: list, wanted: int, seconds: float) -> "BuildReport":
+        stages = {stage: Counter() for stage in STAGES}
+        for shard in shards:
+            for stage, count in shard.counts.items():
+                stages[stage].update({"reused": count.reused, "made": count.made, "failed": count.failed})
+        failures = sum((s.failures for s in shards), Counter())
+        return cls(
+            wanted=wanted, accepted=sum(len(s.accepted()) for s in shards),
+            drawn=sum(len(s.instructions) for s in shards), shards=len(shards),
+            stages={stage: {k: c[k] for k in ("reused", "made", "failed")} for stage, c in stages.items()},
+            failures=dict(failures.most_common()),
+            usage={stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()},
+            seconds=round(seconds, 3),
+        )
+
+    @property
+    def requests(self) -> int:
+        return sum(u["requests"] for u in self.usage.values())
+
+    @property
+    def cost(self) -> float | None:
+        costs = [u["cost_usd"] for u in self.usage.values()]
+        return None if any(c is None for c in costs) else round(sum(costs), 4)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per stage: reused, made, failed, requests, tokens, cost."""
+        table = []
+        for stage, counts in self.stages.items():
+            usage = self.usage.get(stage, {})
+            table.append({
+                "stage": stage, **counts,
+                "requests": usage.get("requests", 0), "rate_limited": usage.get("rate_limited", 0),
+                "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+                "cost_usd": "unknown" if usage and usage.get("cost_usd") is None else usage.get("cost_usd", 0.0),
+            })
+        return table
+
+    def text(self) -> str:
+        rows = self.rows()
+        header = list(rows[0])
+        widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in header]
+        lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+        lines += ["  ".join(str(r[h]).ljust(w) for h, w in zip(header, widths)) for r in rows]
+        cost = "unknown (a model has no price)" if self.cost is None else f"${self.cost:.4f}"
+        rate = self.requests / self.seconds if self.seconds else 0.0
+        lines.append(f"accepted {self.accepted} of {self.wanted} wanted ({self.drawn} drawn, {self.shards} shards) "
+                     f"in {self.seconds:.1f}s; {self.requests} requests ({rate:.1f}/s), cost {cost}")
+        if self.failures:
+            lines.append("failures: " + ", ".join(f"{reason} x{n}" for reason, n in self.failures.items()))
+        if self.release:
+            state = "new release" if self.release["is_new"] else "unchanged, no new release"
+            lines.append(f"release {self.release['version']} ({state}): {self.release['path']}")
+        return "\n".join(lines)
+
+
+async def publish_artifacts(report: BuildReport) -> None:
+    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+
+    await acreate_table_artifact(report.rows(), key="build-summary", description="per stage: rows reused, made, failed; calls")
+    await acreate_markdown_artifact(f"```\n{report.text()}\n```", key="build-report", description="build-collection summary")

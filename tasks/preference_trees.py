@@ -1,0 +1,37 @@
+"""Stage 1: per instruction, the LLM builds dimension -> subdimension -> preference for the four dimensions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from facets.schemas import PreferenceTree, PreferenceTreeBody
+from facets.tasks.context import BuildContext, Key, Request
+from facets.tasks.shard import Shard
+
+STAGE = "preference_trees"
+TEMPLATE = "preference_tree"
+SEEDS = Path(__file__).parent / "seed_preferences.json"
+
+
+def seeds_text(path: Path = SEEDS) -> str:
+    """The curated examples as compact lines: `style / clarity: Simple vocabulary; Concise and accurate`."""
+    dimensions = json.loads(path.read_text(encoding="utf-8"))["dimensions"]
+    return "\n".join(
+        f"- {dimension} / {subdimension}: {'; '.join(preferences)}"
+        for dimension, branches in dimensions.items()
+        for subdimension, preferences in branches.items()
+    )
+
+
+async def run(ctx: BuildContext, shard: Shard) -> None:
+    wanted = {(iid, 0): shard.plans[iid].preference_trees for iid in shard.alive(None)}
+    template, model, seeds = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE), seeds_text()
+
+    def request(key: Key) -> Request:
+        iid, fp = key[0], wanted[key]
+        messages = template.messages(seeds=seeds, instruction=shard.instructions[iid].text)
+        call = ctx.prepare(STAGE, messages, schema=PreferenceTreeBody)
+        return Request(key, call, lambda body: PreferenceTree(
+            instruction_id=iid, fingerprint=fp, model=model, dimensions=body.dimensions))
+
+    await ctx.fill(STAGE, shard, wanted, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))

@@ -1,0 +1,88 @@
+"""A shard: the instructions of one bucket range and what each stage made for them so far.
+
+Stage files are labelled with the shard's bucket range (`b0000-0063-...parquet`), so a stage finds the
+rows it already has by reading only the files whose range overlaps its own: a resumed or incremental build
+reads a shard's own files, not the whole stage.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow.dataset as ds
+from pydantic import BaseModel
+
+from facets.schemas import Failure, Instruction, from_table
+from facets.storage import Store
+from facets.storage.stages import model_of
+from facets.tasks.plan import Fingerprints
+
+PER_INSTRUCTION = ("preference_trees", "pairs")  # one row per instruction, keyed (id, 0)
+_RANGE = re.compile(r"^b(\d+)-(\d+)-")
+
+
+@dataclass
+class StageCount:
+    reused: int = 0
+    made: int = 0
+    failed: int = 0
+
+
+class Shard:
+    """Plain class on purpose: Prefect does not walk it when it is passed to a task."""
+
+    def __init__(self, lo: int, hi: int, instructions: list[Instruction], plans: dict[str, Fingerprints], sets: int):
+        self.lo, self.hi, self.sets = lo, hi, sets
+        self.name = f"b{lo:04d}-{hi:04d}"
+        self.instructions = {i.id: i for i in instructions}
+        self.plans = plans
+        self.rows: dict[str, dict[tuple[str, int], BaseModel]] = {}
+        self.counts: dict[str, StageCount] = {}
+        self.failures: Counter[str] = Counter()
+
+    def alive(self, stage: str | None) -> list[str]:
+        """Instructions that have every row of `stage` (all of them when `stage` is None)."""
+        if stage is None:
+            return list(self.instructions)
+        have = Counter(iid for iid, _ in self.rows.get(stage, {}))
+        want = 1 if stage in PER_INSTRUCTION else self.sets
+        return [iid for iid in self.instructions if have[iid] == want]
+
+    def accepted(self) -> list[str]:
+        """Instructions with a tree, all sets, system messages and responses, and a pair (decision 8)."""
+        return self.alive("pairs")
+
+
+def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str]) -> dict[tuple[str, int], BaseModel]:
+    """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint); one per key."""
+    files = [f for f in store.files(stage) if _overlaps(f, shard.lo, shard.hi)]
+    if not files or not wanted:
+        return {}
+    ids = sorted({iid for iid, _ in wanted})
+    fps = sorted(set(wanted.values()))
+    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    table = dataset.to_table(filter=ds.field("instruction_id").isin(ids) & ds.field("fingerprint").isin(fps))
+    found: dict[tuple[str, int], BaseModel] = {}
+    for row in from_table(table, model_of(stage)):
+        key = (row.instruction_id, getattr(row, "set_index", 0))
+        if wanted.get(key) == row.fingerprint:
+            found.setdefault(key, row)
+    return found
+
+
+def _overlaps(path: str, lo: int, hi: int) -> bool:
+    match = _RANGE.match(path.rsplit("/", 1)[-1])
+    return match is None or (int(match[1]) <= hi and int(match[2]) >= lo)
+
+
+def write_rows(store: Store, stage: str, shard: Shard, rows: list[BaseModel]) -> None:
+    if rows:
+        store.write(stage, rows, label=shard.name)
+
+
+def write_failures(store: Store, shard: Shard, failures: list[Failure]) -> None:
+    for failure in failures:
+        shard.failures[f"{failure.stage}:{failure.reason}"] += 1
+    if failures:
+        store.write_failures(failures, label=shard.name)
