@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m facets.flows.cli ingest \
+	$(PY) -m facets.flows.cli build \
 		--source nectar=tests/data/sources/nectar/data.jsonl \
+		--source openhermes=tests/data/sources/openhermes/train.parquet \
+		--source ultrafeedback=tests/data/sources/ultrafeedback/train_prefs.jsonl \
+		--source chatbot_arena=tests/data/sources/chatbot_arena/train.parquet \
 		--source dsp=tests/data/sources/dsp/domain_specific_preference.json \
-		--data-dir $(DATA_DIR) --seed 0
+		--limit 50 --shard-size 16 --data-dir $(DATA_DIR) --seed 0
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

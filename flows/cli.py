@@ -9,6 +9,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("facets.flows.commands.ingest", "Ingest instruction sources into the instructions stage"),
     "simulate": ("facets.flows.commands.simulate", "Run the loopback OpenAI-compatible simulator"),
+    "build": ("facets.flows.commands.build", "Run build-collection: preference trees to releases"),
+    "estimate": ("facets.flows.commands.estimate", "Calls, tokens, cost and time of a build, before spending"),
+    "inspect": ("facets.flows.commands.inspect", "Run DuckDB SQL over the stages and releases of a data dir"),
+    "status": ("facets.flows.commands.status", "Done and missing per stage of a data dir"),
 }
 
 

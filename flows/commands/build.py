@@ -1,0 +1,149 @@
+"""`facets build`: run `build-collection` in this process, on Prefect's embedded server.
+
+Flags mirror BuildConfig (`--config FILE` loads one, flags override it). The endpoint comes from
+OPENAI_BASE_URL / OPENAI_API_KEY like the openai client's; with neither set, the build runs against the
+loopback simulator, which it starts itself and says so: simulated text, never real data.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from facets.schemas.config import BuildConfig, RateLimits
+
+SIMULATOR_MODEL = "facets-sim"
+SIMULATOR_RPM = 3000  # the demo's simulated endpoint limit, unless --rpm says otherwise
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", type=Path, help="a BuildConfig as JSON (or YAML); the flags below override it")
+    add("--source", action="append", dest="sources", metavar="NAME=PATH_OR_HUB_ID",
+        help="instructions to ingest first (repeatable), as in `facets ingest`")
+    add("--limit", type=int, help="accepted instructions wanted (default: every instruction in the data dir)")
+    add("--seed", type=int, help="seed of the draw order, the preference sets and the pairs (default 0)")
+    add("--data-dir", help="data directory, a path or fsspec URI (default ./data)")
+    add("--shard-size", type=int, help="instructions per shard, roughly (default 256)")
+    add("--sets", type=int, dest="sets_per_instruction", help="preference sets per instruction (default 3)")
+    add("--concurrency", type=int, dest="max_concurrent_shards", help="shards in progress at once (default 8)")
+    add("--model", help="the model of every stage (default: the config's, else gpt-4o-mini)")
+    add("--rpm", type=float, help="the endpoint's requests per minute")
+    add("--tpm", type=float, help="the endpoint's tokens per minute")
+    add("--max-in-flight", type=int, help="concurrent requests at most")
+    add("--max-cost", type=float, help="hard spend cap in USD; the build stops before it would pass it")
+    add("--mode", choices=["online", "batch"], help="online calls, or the OpenAI Batch API at half price")
+    add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
+    add("--no-publish", dest="publish", action="store_false", default=None, help="build the stages, publish no release")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def load_config(args: argparse.Namespace) -> BuildConfig:
+    data: dict = {}
+    if args.config:
+        text = args.config.read_text(encoding="utf-8")
+        if args.config.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
+                 "max_concurrent_shards", "mode", "templates_dir", "publish"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    endpoint = data.setdefault("endpoint", {})
+    limits = endpoint.setdefault("limits", {})
+    for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
+                              ("tpm", limits, "tpm"), ("max_in_flight", limits, "max_in_flight")):
+        if getattr(args, flag) is not None:
+            target[key] = getattr(args, flag)
+    return BuildConfig.model_validate(data)
+
+
+def progress_bar(progress) -> None:
+    width = 30
+    filled = int(width * progress.fraction)
+    line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * progress.fraction:5.1f}%  "
+            f"{progress.done}/{progress.total} stage-shards  {progress.last:<32}")
+    sys.stderr.write(line + ("\n" if progress.done == progress.total else ""))
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from facets.llm.errors import RunAborted
+    from facets.tasks.ingest import IngestError
+    from facets.tasks.sources import SourceError
+
+    try:
+        config = load_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"facets build: bad config: {exc}", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") or config.endpoint.base_url):
+            config = _with_simulator(config, stack)
+        try:
+            report = _build(config, quiet=args.quiet)
+        except (RunAborted, SourceError, IngestError, ValueError) as exc:
+            print(f"facets build: error: {exc}", file=sys.stderr)
+            return 2
+    _print_outcome(report, config)
+    return 0 if report["accepted"] else 1
+
+
+def _with_simulator(config: BuildConfig, stack: ExitStack) -> BuildConfig:
+    from facets.llm.simulator import SimulatorProcess
+
+    rpm = SIMULATOR_RPM if config.endpoint.limits.rpm == RateLimits().rpm else config.endpoint.limits.rpm
+    simulator = stack.enter_context(_started(SimulatorProcess(seed=config.seed, rpm=int(rpm), latency_ms=200, jitter_ms=100)))
+    print(f"OPENAI_API_KEY and OPENAI_BASE_URL are not set: building against the loopback simulator at "
+          f"{simulator.base_url} (simulated text, for trying the pipeline; set OPENAI_API_KEY for real data)",
+          file=sys.stderr)
+    limits = config.endpoint.limits.model_copy(update={"rpm": rpm})
+    endpoint = config.endpoint.model_copy(update={"base_url": simulator.base_url, "model": SIMULATOR_MODEL, "limits": limits})
+    stages = {name: s.model_copy(update={"model": None}) for name, s in config.stages.items()}
+    return config.model_copy(update={"endpoint": endpoint, "stages": stages})
+
+
+class _started:
+    def __init__(self, process):
+        self.process = process
+
+    def __enter__(self):
+        return self.process.start()
+
+    def __exit__(self, *exc):
+        self.process.stop()
+
+
+def _build(config: BuildConfig, quiet: bool) -> dict:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from facets.flows import build
+
+    if not quiet:
+        build.PROGRESS_LISTENERS.append(progress_bar)
+    try:
+        return asyncio.run(build.build_collection(config))
+    finally:
+        if progress_bar in build.PROGRESS_LISTENERS:
+            build.PROGRESS_LISTENERS.remove(progress_bar)
+
+
+def _print_outcome(report: dict, config: BuildConfig) -> None:
+    print(f"accepted {report['accepted']} of {report['wanted']} instructions; failures: "
+          f"{sum(report['failures'].values())} (in {config.data_dir}/failures)")
+    release = report.get("release")
+    if release:
+        state = "new release" if release["is_new"] else "no change since the last release"
+        print(f"release {release['version']} ({state}) at {release['path']}")
+        print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', "
+              f"data_dir='{release['path']}/sft'))\"")
+        print(f"  card:  {release['path']}/README.md   sunburst: {release['path']}/sunburst.html")
+        print(f"  query: facets inspect --data-dir {config.data_dir} \"select * from release_sft limit 5\"")
