@@ -125,6 +125,8 @@ class _started:
 
 def _build(config: BuildConfig, quiet: bool) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the embedded server needs more than Prefect's default 20 s to start on a busy small machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from facets.flows import build
 
     if not quiet:

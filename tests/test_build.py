@@ -1,0 +1,256 @@
+"""build-collection end to end: the real flow on a temporary Prefect server, the real openai-compatible
+simulator over HTTP, real Parquet and DuckDB. Requests are counted at the simulator, never in our code."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from facets.flows.build import build_collection
+from facets.llm.errors import EndpointUnreachable, FatalEndpointError
+from facets.llm.simulator import SimulatorProcess, run_simulator
+from facets.schemas import PreferenceTree
+from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits, Retries
+from facets.storage import Store
+from facets.tasks.pairs import choose_pair
+from facets.tasks.preference_sets import choose_sets
+from facets.tasks.system_messages import check_system_message
+from facets.tasks.sources import SourceError
+
+SOURCES = Path(__file__).parent / "data" / "sources"
+NECTAR = f"nectar={SOURCES / 'nectar' / 'data.jsonl'}"
+DSP = f"dsp={SOURCES / 'dsp' / 'domain_specific_preference.json'}"
+MODEL = "facets-sim"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def config(sim_url: str, data_dir: Path, **overrides) -> BuildConfig:
+    endpoint = EndpointConfig(base_url=sim_url, api_key="sk-test", model=MODEL, limits=RateLimits(rpm=60_000),
+                              retries=Retries(timeout_s=2, backoff_initial_s=0.05, backoff_max_s=0.5, max_attempts=6))
+    values = dict(sources=[NECTAR, DSP], limit=8, shard_size=4, data_dir=str(data_dir), endpoint=endpoint, publish=False)
+    return BuildConfig(**{**values, **overrides})
+
+
+def build(cfg: BuildConfig) -> dict:
+    return asyncio.run(build_collection(cfg))
+
+
+def chat_requests(sim) -> int:
+    return sim.stats()["requests"]
+
+
+def rows(data_dir: Path, stage: str):
+    return Store(str(data_dir)).read(stage).to_pylist()
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_release(tmp_path):
+    import datasets
+
+    with run_simulator(seed=3, fault_rate=0.15, hang_s=3) as sim:
+        report = build(config(sim.base_url, tmp_path, publish=True))
+        stats = sim.stats()
+    n = 8
+    assert report["accepted"] == n
+    assert sum(stats["faults"].values()) > 0, "faults were injected"
+    assert stats["paid_twice"] == 0
+    release = Path(report["release"]["path"])
+    sft = datasets.load_dataset("parquet", data_dir=str(release / "sft"), split="train")
+    small = datasets.load_dataset("parquet", data_dir=str(release / "small"), split="train")
+    dpo = datasets.load_dataset("parquet", data_dir=str(release / "dpo"), split="train")
+    assert (len(sft), len(small), len(dpo)) == (3 * n, n, n)
+    for row in sft:
+        assert sorted(p["dimension"] for p in row["preference_set"]) == sorted(
+            ["style", "background_knowledge", "informativeness", "harmlessness"])
+    systems = {}
+    for row in sft:
+        systems.setdefault(row["prompt"], {})[row["output"]] = row["system"]
+    for row in dpo:
+        assert row["chosen"][0] == {"content": row["prompt"], "role": "user"}
+        chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
+        assert systems[row["prompt"]][chosen] == row["system"]
+        assert systems[row["prompt"]][rejected] != row["system"], "rejected answers another system message"
+
+
+def test_incremental_rerun_makes_no_request_and_no_new_release(tmp_path):
+    with run_simulator(seed=1) as sim:
+        first = build(config(sim.base_url, tmp_path, publish=True))
+        before = chat_requests(sim)
+        second = build(config(sim.base_url, tmp_path, publish=True))
+        again = chat_requests(sim) - before
+    # nothing is asked again but the calls that failed before (a rerun retries failures: 1 + 2 repairs each)
+    assert again == 3 * first["stages"]["preference_trees"]["failed"]
+    assert all(second["stages"][stage]["made"] == 0 for stage in second["stages"])
+    assert second["stages"]["responses"] == {"reused": 24, "made": 0, "failed": 0}
+    assert first["release"]["is_new"] and not second["release"]["is_new"]
+    assert second["release"]["version"] == first["release"]["version"]
+
+
+def test_changed_system_message_template_recomputes_only_what_depends_on_it(tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    bundled = Path(__file__).parents[1] / "tasks" / "prompts" / "system_message.txt"
+    with run_simulator(seed=2) as sim:
+        build(config(sim.base_url, tmp_path / "data", templates_dir=str(templates)))
+        before = chat_requests(sim)
+        (templates / "system_message.txt").write_text(bundled.read_text() + "\nKeep it warm.\n")
+        report = build(config(sim.base_url, tmp_path / "data", templates_dir=str(templates)))
+        made = chat_requests(sim) - before
+    assert report["stages"]["preference_trees"]["made"] == 0
+    assert report["stages"]["preference_sets"]["made"] == 0
+    assert report["stages"]["system_messages"]["made"] == 24
+    assert report["stages"]["responses"]["made"] == 24
+    assert report["stages"]["pairs"]["made"] == 8
+    retried = 3 * report["stages"]["preference_trees"]["failed"]  # a tree that failed before is asked again
+    assert made == 48 + retried, "one request per new system message and per new response, no tree"
+
+
+def test_more_instructions_later_cost_only_the_new_ones(tmp_path):
+    with run_simulator(seed=4) as sim:
+        build(config(sim.base_url, tmp_path, limit=4))
+        before = chat_requests(sim)
+        report = build(config(sim.base_url, tmp_path, limit=6))
+        made = chat_requests(sim) - before
+    assert report["accepted"] == 6
+    assert report["stages"]["preference_trees"]["reused"] == 4
+    assert report["stages"]["system_messages"]["reused"] == 12 and report["stages"]["responses"]["reused"] == 12
+    assert report["stages"]["responses"]["made"] == 6
+    # every request the endpoint saw was for the two new instructions (or a retried failure), none for the old four
+    assert made == sum(usage["requests"] for usage in report["usage"].values())
+    assert made <= 3 * (2 + report["stages"]["preference_trees"]["failed"]) + 2 * 3 * 3
+
+
+@pytest.mark.slow
+def test_kill_9_mid_build_then_rerun_pays_at_most_the_in_flight_calls_again(tmp_path):
+    in_flight = 8
+    with SimulatorProcess(seed=5, latency_ms=150, jitter_ms=50) as sim:
+        env = {**os.environ, "OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": "sk-test"}
+        command = [sys.executable, "-m", "facets.flows.cli", "build", "--source", NECTAR, "--source", DSP,
+                   "--limit", "12", "--shard-size", "4", "--data-dir", str(tmp_path), "--model", MODEL,
+                   "--max-in-flight", str(in_flight), "--rpm", "60000", "--quiet"]
+        victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 120
+        while sim.stats()["ok"] < 40 and time.monotonic() < deadline and victim.poll() is None:
+            time.sleep(0.05)
+        assert victim.poll() is None, "the build ended before it could be killed"
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        # calls that failed before the kill are asked again on purpose (a rerun retries failures), each at
+        # most 1 + 2 repair requests; they are not calls paid twice for one result
+        retried = 3 * Store(str(tmp_path)).count("failures")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stats = sim.stats()
+    assert "release" in done.stdout
+    assert stats["paid_twice"] <= in_flight + retried
+    assert len(rows(tmp_path, "pairs")) >= 12
+
+
+# --- bad config: a clear message before any paid call ---------------------------------------------
+
+def test_unknown_stage_model_stops_before_any_call(tmp_path):
+    with run_simulator(models=(MODEL,)) as sim:
+        cfg = config(sim.base_url, tmp_path, stages={"responses": {"model": "gpt-nonexistent"}})
+        with pytest.raises(FatalEndpointError, match="does not serve 'gpt-nonexistent'"):
+            build(cfg)
+        assert chat_requests(sim) == 0
+
+
+def test_unreachable_endpoint_fails_clearly(tmp_path):
+    cfg = config("http://127.0.0.1:9/v1", tmp_path)
+    with pytest.raises(EndpointUnreachable, match="could not be reached"):
+        build(cfg)
+
+
+def test_missing_source_file_fails_before_any_call(tmp_path):
+    with run_simulator() as sim:
+        with pytest.raises(SourceError, match="nope.jsonl"):
+            build(config(sim.base_url, tmp_path, sources=[f"nectar={tmp_path / 'nope.jsonl'}"]))
+        assert chat_requests(sim) == 0
+
+
+def test_cli_rejects_non_positive_shard_size(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--shard-size", "0",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "shard_size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_no_key_and_no_url_is_named_in_the_error(tmp_path, monkeypatch):
+    from facets.llm.errors import MissingCredentials
+    from facets.llm.preflight import check_endpoint
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(MissingCredentials, match="OPENAI_API_KEY"):
+        asyncio.run(check_endpoint(EndpointConfig(), ["gpt-4o-mini"]))
+
+
+# --- the stages' own rules ------------------------------------------------------------------------
+
+GOOD = ("You are a patient guide for people who cook at home and want to understand why a recipe works. "
+        "You explain each step in plain words, assuming your reader knows basic kitchen tools but little "
+        "food science, and you offer one practical variation when it helps. You keep your answers accurate "
+        "and you point out food-safety concerns calmly whenever raw ingredients are involved.")
+
+
+def test_system_message_checks_accept_a_good_one():
+    check_system_message(GOOD, "How do I make a sourdough starter from scratch at home?")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "too short"),
+    ("You help. " * 300, "too long"),
+    (GOOD + "\n- be concise\n- be safe", "list-shaped"),
+    (GOOD + "\n\n" + GOOD, "more than one paragraph"),
+    (GOOD.replace("You ", "The assistant ").replace("you ", "it ").replace("your ", "its "), "second person"),
+    (GOOD + " How do I make a sourdough starter from scratch at home and keep it alive for weeks?", "restates"),
+])
+def test_system_message_checks_reject(text, reason):
+    instruction = "How do I make a sourdough starter from scratch at home and keep it alive for weeks?"
+    with pytest.raises(ValueError, match=reason):
+        check_system_message(text, instruction)
+
+
+def _tree(branches: int = 3, leaves: int = 2) -> PreferenceTree:
+    dims = ["style", "background_knowledge", "informativeness", "harmlessness"]
+    return PreferenceTree(instruction_id="n1-abc", fingerprint="f", model="m", dimensions=[
+        {"dimension": d, "subdimensions": [
+            {"subdimension": f"{d}-{b}", "preferences": [
+                {"preference": f"{d}-{b}-{leaf}", "description": "what a response looks like"} for leaf in range(leaves)]}
+            for b in range(branches)]} for d in dims])
+
+
+def test_sets_differ_in_every_dimension_and_are_deterministic():
+    sets = choose_sets(_tree(), 3, seed=0)
+    assert sets == choose_sets(_tree(), 3, seed=0)
+    assert [[p.dimension for p in s] for s in sets] == [["style", "background_knowledge", "informativeness", "harmlessness"]] * 3
+    for dim in range(4):
+        assert len({s[dim].subdimension for s in sets}) == 3
+    assert choose_sets(_tree(), 3, seed=1) != sets or choose_sets(_tree(), 3, seed=2) != sets
+
+
+def test_more_sets_than_branches_take_other_preferences():
+    sets = choose_sets(_tree(branches=3, leaves=2), 5, seed=0)
+    assert len({tuple(p.preference for p in s) for s in sets}) == 5
+
+
+def test_pairs_are_deterministic_and_never_the_same_set():
+    picks = [choose_pair(f"n1-{i}", 3, seed=0) for i in range(200)]
+    assert picks == [choose_pair(f"n1-{i}", 3, seed=0) for i in range(200)]
+    assert all(c != r for c, r in picks)
+    assert {c for c, _ in picks} == {0, 1, 2}
