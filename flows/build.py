@@ -132,6 +132,10 @@ async def build_collection(config: BuildConfig) -> dict:
                        report.accepted, wanted, config.data_dir)
     if config.publish and report.accepted:
         report.release = publish(ctx, shards, report)
+        if config.push_to_hub and report.release["is_new"]:
+            from facets.tasks.release import push_release
+
+            logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub), config.push_to_hub)
     await publish_artifacts(report)
     logger.info(report.text())
     return report.model_dump(mode="json")

@@ -34,6 +34,13 @@ class BatchItem:
     key: str
 
 
+@dataclass(slots=True)
+class _ToRepair:
+    item: BatchItem
+    rejected: Rejected
+    content: str
+
+
 class BatchRunner:
     def __init__(self, gateway: Gateway, data_dir: str, poll_initial_s: float = 5.0, poll_max_s: float = 300.0):
         self.gateway = gateway
@@ -57,6 +64,11 @@ class BatchRunner:
                 pending.append(item)
         for chunk in _chunks(pending):
             results.update(await self._run_chunk(chunk))
+        # replies the batch returned but that failed their checks get the online repair loop
+        repairs = {k: r for k, r in results.items() if isinstance(r, _ToRepair)}
+        repaired = await asyncio.gather(*(self.gateway.repair(r.item.call, r.item.stage, k, r.rejected, r.content)
+                                          for k, r in repairs.items()))
+        results.update(zip(repairs, repaired))
         return results
 
     async def _run_chunk(self, chunk: list[BatchItem]) -> dict[str, Completion | None]:
@@ -111,7 +123,7 @@ class BatchRunner:
         content = (await self.client.files.content(file_id)).content
         return [orjson.loads(line) for line in content.splitlines() if line.strip()]
 
-    def _accept(self, item: BatchItem, record: dict) -> Completion | None:
+    def _accept(self, item: BatchItem, record: dict) -> "Completion | _ToRepair | None":
         response = record.get("response") or {}
         if response.get("status_code") != 200 or record.get("error"):
             return self._record_error(item, record)
@@ -121,7 +133,7 @@ class BatchRunner:
         try:
             value = gateway.judge(item.call, reply)
         except Rejected as exc:
-            return gateway.fail(item.stage, item.key, exc.reason, reply.contents[0], str(exc))
+            return _ToRepair(item, exc, reply.contents[0])
         gateway.record(item.call, reply, value, 0.0, "batch")
         return Completion(item.call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, 0.0, False)
 

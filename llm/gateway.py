@@ -11,6 +11,7 @@ or most recent calls failing.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -37,6 +38,8 @@ from facets.schemas.config import EndpointConfig, Sampling
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 UNREACHABLE = {"connection", "timeout"}
+BUDGET_WAIT_S = 0.05  # how often a call waiting for the spend cap looks again
+WAKE_TICK_S = 0.05  # calls the limiter holds back are let go on this grid (see `_sleep_to_tick`)
 SIMULATOR_HINT = "or point OPENAI_BASE_URL at a local OpenAI-compatible server such as `facets simulate --port 8000` (http://127.0.0.1:8000/v1)"
 
 
@@ -139,6 +142,7 @@ class Gateway:
         self._in_flight = asyncio.Semaphore(endpoint.limits.max_in_flight)
         self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)
         self._mean_output: dict[str, float] = {}
+        self.aborted: RunAborted | None = None  # the first fatal condition; every later call stops on it
         self.check_price(endpoint.model)
 
     async def __aenter__(self) -> "Gateway":
@@ -216,8 +220,32 @@ class Gateway:
         cached = self.from_journal(call)
         if cached is not None:
             return cached
+        self._stop_if_aborted()
+        try:
+            return await self._ask(call, stage, key, repair_attempts)
+        except RunAborted as exc:
+            # A bad key, the spend cap, most calls failing: a shard's other calls, queued behind this one,
+            # must stop without a request rather than each find out for itself (65k 401s).
+            self.aborted = self.aborted or exc
+            raise
+
+    def _stop_if_aborted(self) -> None:
+        if self.aborted is not None:
+            raise type(self.aborted)(str(self.aborted))  # a fresh exception: re-raising one grows its traceback
+
+    async def repair(self, call: "Call", stage: str, key: str, rejected: "Rejected", content: str,
+                     attempts: int = 2) -> Completion | None:
+        """Ask again online from a reply already rejected (one a batch returned): the original request,
+        paid once, is not sent again; the accepted reply is journaled under the original key."""
+        self._stop_if_aborted()
+        return await self._ask(call, stage, key, attempts - 1, last=(content, rejected.reason, str(rejected)))
+
+    async def _ask(self, call: "Call", stage: str, key: str, repair_attempts: int,
+                   last: tuple[str, str, str] | None = None) -> Completion | None:
         messages, body = call.body["messages"], call.body
-        content, reason, detail = "", "", ""
+        content, reason, detail = last or ("", "", "")
+        if last is not None:
+            body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
         for _ in range(1 + repair_attempts):
             try:
                 reply, latency = await self._send(body, call.model, call.max_tokens, call.extra_chars)
@@ -229,8 +257,8 @@ class Gateway:
                 content, reason, detail = reply.contents[0], exc.reason, str(exc)
                 body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
                 continue
+            self.record(call, reply, value, latency, "online")  # journaled before anything else can go wrong
             self._record_outcome(None)
-            self.record(call, reply, value, latency, "online")
             return Completion(call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, latency, False)
         return self.fail(stage, key, reason, content, detail)
 
@@ -283,27 +311,35 @@ class Gateway:
     # -- one HTTP request, retried ---------------------------------------------------------------
     async def _send(self, body: dict, model: str, max_tokens: int, extra_chars: int):
         retries = self.endpoint.retries
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(retries.max_attempts),
-            wait=self._backoff,
-            retry=retry_if_exception(lambda e: isinstance(e, CallError) and e.retryable),
-            reraise=True,
-        )
         try:
             async with asyncio.timeout(retries.deadline_s):
+                # The first attempt goes without tenacity: most calls need no other, and setting up the
+                # retry machinery costs more than the rest of the gateway's own work on a call.
+                try:
+                    return await self._attempt(body, model, max_tokens, extra_chars)
+                except CallError as exc:
+                    if not _retryable(exc) or retries.max_attempts < 2:
+                        raise
+                    first_wait = self._delay(1, exc)
+                await asyncio.sleep(first_wait)
+                # Attempts 2..max_attempts: tenacity counts from 1 here, hence the + 1.
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(retries.max_attempts - 1),
+                    wait=lambda state: self._delay(state.attempt_number + 1, state.outcome.exception()),
+                    retry=retry_if_exception(_retryable),
+                    reraise=True,
+                )
                 async for attempt in retrying:
                     with attempt:
-                        if attempt.retry_state.attempt_number > 1:
-                            self.usage.retries += 1
+                        self.usage.retries += 1
                         return await self._attempt(body, model, max_tokens, extra_chars)
         except TimeoutError:
             raise CallError("deadline", f"no good reply within the call deadline of {retries.deadline_s:g}s") from None
 
-    def _backoff(self, state) -> float:
+    def _delay(self, failed_attempts: int, error: BaseException | None) -> float:
         """Exponential with full jitter, but never sooner than the server's Retry-After."""
         retries = self.endpoint.retries
-        ceiling = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (state.attempt_number - 1))
-        error = state.outcome.exception() if state.outcome else None
+        ceiling = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (failed_attempts - 1))
         told = getattr(error, "retry_after", None) or 0.0
         return max(told, random.uniform(0, ceiling))
 
@@ -313,12 +349,19 @@ class Gateway:
         input_tokens = self.estimator.estimate(body["messages"], extra_chars)
         output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
         reservation, wait = limiter.reserve(input_tokens, output_tokens)
-        await asyncio.sleep(wait)
+        if wait > 0:
+            await _sleep_to_tick(wait)
         while (pause := limiter.pause_remaining()) > 0:
             await asyncio.sleep(pause)
         price = self.prices.get(model)
-        held = self.budget.reserve(price.cost(input_tokens, max_tokens) if price else 0.0)
+        worst_case = price.cost(input_tokens, max_tokens) if price else 0.0
+        while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
+            await asyncio.sleep(BUDGET_WAIT_S)
         async with self._in_flight:
+            if self.aborted is not None:  # the run stopped while this call waited for its turn
+                limiter.release(reservation)
+                self.budget.settle(held, 0.0)
+                self._stop_if_aborted()
             started = time.perf_counter()
             self.usage.requests += 1
             try:
@@ -367,8 +410,8 @@ class Gateway:
 
     def _record_outcome(self, failure_reason: str | None) -> None:
         self._recent.append(failure_reason)
-        if len(self._recent) < self._recent.maxlen:
-            return
+        if failure_reason is None or len(self._recent) < self._recent.maxlen:
+            return  # only a failure trips the stop: a good reply still in flight when it trips reaches its caller
         failed = [r for r in self._recent if r is not None]
         if len(failed) > self.endpoint.max_failure_rate * len(self._recent):
             top = ", ".join(f"{r} x{n}" for r, n in Counter(failed).most_common(3))
@@ -380,6 +423,19 @@ class Gateway:
     def drain_failures(self) -> list[Failure]:
         failures, self.failures = self.failures, []
         return failures
+
+
+async def _sleep_to_tick(wait: float) -> None:
+    """Sleep at least `wait`, until the next multiple of WAKE_TICK_S on the loop's clock. Calls that the
+    limiter paces a few ms apart then wake the loop once per tick, not once each: at 100 calls/s a
+    wake-up costs more CPU than the call. Later, never sooner, so the limits still hold."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(math.ceil((now + wait) / WAKE_TICK_S) * WAKE_TICK_S - now)
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, CallError) and error.retryable
 
 
 def _short_error(exc: ValidationError) -> str:

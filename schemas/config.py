@@ -112,6 +112,7 @@ class BuildConfig(Config):
     templates_dir: str | None = Field(None, description="a directory whose <stage>.txt files replace the bundled prompts")
     test_fraction: float = Field(0.005, ge=0, lt=1, description="share of pairs in the RM test split")
     publish: bool = True
+    push_to_hub: str | None = Field(None, description="a hub dataset repo id to push a new release to")
 
     @model_validator(mode="after")
     def _every_stage(self) -> "BuildConfig":

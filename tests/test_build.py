@@ -133,6 +133,31 @@ def test_more_instructions_later_cost_only_the_new_ones(tmp_path):
     assert made <= 3 * (2 + report["stages"]["preference_trees"]["failed"]) + 2 * 3 * 3
 
 
+def test_batch_mode_builds_and_a_later_online_run_sends_nothing(tmp_path):
+    with run_simulator(seed=6, batch_delay_s=0.2) as sim:
+        report = build(config(sim.base_url, tmp_path, limit=4, mode="batch", batch_poll_s=0.1))
+        batch = sim.stats()["batch"]
+        assert report["accepted"] == 4
+        assert batch["batches"] >= 3 and batch["ok"] >= 4 + 12 + 12
+        before = chat_requests(sim)
+        online = build(config(sim.base_url, tmp_path, limit=4))
+        again = chat_requests(sim) - before
+    assert again == 0, "batch results, repaired ones included, are journaled like online ones"
+    assert online["stages"]["responses"] == {"reused": 12, "made": 0, "failed": 0}
+
+
+def test_push_to_hub_offline_fails_with_one_line_and_keeps_the_release(tmp_path):
+    with run_simulator(seed=7) as sim:
+        env = {**os.environ, "OPENAI_BASE_URL": sim.base_url, "OPENAI_API_KEY": "sk-test", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--source", NECTAR, "--limit", "2",
+                               "--data-dir", str(tmp_path), "--model", MODEL, "--rpm", "60000", "--quiet",
+                               "--push-to-hub", "someone/multifaceted"], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert done.returncode == 2
+    assert "someone/multifaceted" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "releases" / "LATEST").exists()
+
+
 @pytest.mark.slow
 def test_kill_9_mid_build_then_rerun_pays_at_most_the_in_flight_calls_again(tmp_path):
     in_flight = 8

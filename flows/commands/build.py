@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -41,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--mode", choices=["online", "batch"], help="online calls, or the OpenAI Batch API at half price")
     add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
     add("--no-publish", dest="publish", action="store_false", default=None, help="build the stages, publish no release")
+    add("--push-to-hub", metavar="REPO", help="push a new release to this hub dataset repo (needs HF_TOKEN)")
     add("--quiet", action="store_true", help="no progress bar")
 
 
@@ -55,7 +57,7 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
         else:
             data = json.loads(text)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
-                 "max_concurrent_shards", "mode", "templates_dir", "publish"):
+                 "max_concurrent_shards", "mode", "templates_dir", "publish", "push_to_hub"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     endpoint = data.setdefault("endpoint", {})
@@ -79,6 +81,7 @@ def progress_bar(progress) -> None:
 def run(args: argparse.Namespace) -> int:
     from facets.llm.errors import RunAborted
     from facets.tasks.ingest import IngestError
+    from facets.tasks.release import ReleasePushError
     from facets.tasks.sources import SourceError
 
     try:
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             config = _with_simulator(config, stack)
         try:
             report = _build(config, quiet=args.quiet)
-        except (RunAborted, SourceError, IngestError, ValueError) as exc:
+        except (RunAborted, SourceError, IngestError, ReleasePushError, ValueError) as exc:
             print(f"facets build: error: {exc}", file=sys.stderr)
             return 2
     _print_outcome(report, config)
@@ -123,12 +126,22 @@ class _started:
         self.process.stop()
 
 
+class _WithoutTraceback(logging.Filter):
+    """Prefect logs a failed run with its traceback; the command prints the one-line cause instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _build(config: BuildConfig, quiet: bool) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the embedded server needs more than Prefect's default 20 s to start on a busy small machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from facets.flows import build
 
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_WithoutTraceback())
     if not quiet:
         build.PROGRESS_LISTENERS.append(progress_bar)
     try:
