@@ -5,14 +5,20 @@ real records, realistic lengths: ~7 answers of ~1k characters per Nectar row), t
 a fresh process so that peak RSS belongs to that run alone. Flat memory means peak RSS barely moves
 while the rows grow.
 
-    python bench/ingest.py                      # 50k, 100k, 200k rows
-    python bench/ingest.py --sizes 200000 --keep /tmp/ingest-bench
+Large files are judged by worker processes (by default one per CPU, at most 4), so peak RSS is reported
+for the ingesting process alone and for all of its processes: the latter adds every worker's own peak,
+an upper bound that counts the pages a forked worker shares with its parent once per process. The
+target is judged on that bound. Times cover the `ingest()` call, with the inputs in the page cache.
+
+    python bench/ingest.py                      # 50k and 200k rows
+    python bench/ingest.py --sizes 200000 --workers 1 --keep /tmp/ingest-bench
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import random
 import resource
 import shutil
@@ -102,50 +108,64 @@ def generate(directory: Path, rows: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def measure(data_dir: Path, sources: list[str]) -> dict:
-    """Runs in a fresh process: ingest once, report time, rows and peak RSS."""
-    from facets.tasks.ingest import ingest
+def measure(data_dir: Path, workers: int, sources: list[str]) -> dict:
+    """Runs in a fresh process: ingest once, report time, rows, CPU time and peak RSS."""
+    from facets.tasks.ingest import default_workers, ingest
 
+    workers = workers or default_workers()
+    before = os.times()
     started = time.perf_counter()
-    summary = ingest(data_dir, sources, seed=0)
+    summary = ingest(data_dir, sources, seed=0, workers=workers)
     elapsed = time.perf_counter() - started
+    after = os.times()
     rows = sum(t.read for t in summary.tallies.values())
-    return {"rows": rows, "kept": summary.kept, "seconds": elapsed, "rows_per_s": rows / elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    own_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker's peak
+    cpu = (after.user - before.user + after.system - before.system
+           + after.children_user - before.children_user + after.children_system - before.children_system)
+    return {"rows": rows, "kept": summary.kept, "seconds": elapsed, "rows_per_s": rows / elapsed, "cpu_s": cpu,
+            "workers": summary.workers, "own_rss_mb": own_mb,
+            "peak_rss_mb": own_mb + (summary.workers * worker_mb if summary.workers > 1 else 0)}
 
 
-def run_size(rows: int, workdir: Path) -> dict:
+def run_size(rows: int, workdir: Path, workers: int) -> dict:
     size_dir = workdir / f"rows-{rows}"
     size_dir.mkdir(parents=True, exist_ok=True)
     paths = generate(size_dir, rows)
     input_mb = sum(p.stat().st_size for p in paths.values()) / 2**20
     sources = [f"{name}={path}" for name, path in paths.items()]
     child = subprocess.run(
-        [sys.executable, __file__, "--measure", str(size_dir / "data"), *sources],
+        [sys.executable, __file__, "--measure", str(size_dir / "data"), str(workers), *sources],
         check=True, capture_output=True, text=True,
     )
-    return {**json.loads(child.stdout.strip().splitlines()[-1]), "input_mb": input_mb}
+    result = {**json.loads(child.stdout.strip().splitlines()[-1]), "input_mb": input_mb}
+    if result["rows"] != rows:  # every generated row must be read: no silently shrunk N
+        raise SystemExit(f"generated {rows} rows but ingest read {result['rows']}")
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
+    parser.add_argument("--workers", type=int, default=0, help="judging processes (default: one per CPU)")
     parser.add_argument("--keep", type=Path, help="generate into this directory and keep it")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure[0]), args.measure[1:])))
+        print(json.dumps(measure(Path(args.measure[0]), int(args.measure[1]), args.measure[2:])))
         return 0
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="facets-ingest-bench-"))
     try:
-        results = [run_size(rows, workdir) for rows in args.sizes]
+        results = [run_size(rows, workdir, args.workers) for rows in args.sizes]
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'rows':>8} {'input MB':>9} {'kept':>8} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12}")
+    print(f"{os.cpu_count()} CPUs. Own RSS: the ingesting process; peak RSS: that plus every worker's own peak")
+    print(f"{'rows':>8} {'input MB':>9} {'kept':>8} {'workers':>8} {'seconds':>8} {'CPU s':>6} {'rows/s':>8} "
+          f"{'own RSS MB':>11} {'peak RSS MB':>12}")
     for r in results:
-        print(f"{r['rows']:>8} {r['input_mb']:>9.0f} {r['kept']:>8} {r['seconds']:>8.2f} {r['rows_per_s']:>8.0f} "
-              f"{r['peak_rss_mb']:>12.0f}")
+        print(f"{r['rows']:>8} {r['input_mb']:>9.0f} {r['kept']:>8} {r['workers']:>8} {r['seconds']:>8.2f} "
+              f"{r['cpu_s']:>6.1f} {r['rows_per_s']:>8.0f} {r['own_rss_mb']:>11.0f} {r['peak_rss_mb']:>12.0f}")
     slowest = min(r["rows_per_s"] for r in results)
     peak = max(r["peak_rss_mb"] for r in results)
     ok = slowest >= TARGET_ROWS_PER_S and peak < TARGET_PEAK_MB

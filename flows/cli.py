@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("facets.flows.commands.estimate", "Calls, tokens, cost and time of a build, before spending"),
     "inspect": ("facets.flows.commands.inspect", "Run DuckDB SQL over the stages and releases of a data dir"),
     "status": ("facets.flows.commands.status", "Done and missing per stage of a data dir"),
+    "server": ("facets.flows.commands.server", "A local Prefect server and worker on 127.0.0.1 with the deployments applied"),
 }
 
 

@@ -177,7 +177,7 @@ class Journal:
 
     def put(self, entry: JournalEntry) -> None:
         """Append `entry` to the live file; it is in the OS (safe from kill -9) when this returns."""
-        line = _ENTRY.dump_json(entry) + b"\n"
+        line = _line(entry)
         key = bytes.fromhex(entry.key)
         with self._lock:
             live = self._live or self._open_live()
@@ -417,6 +417,21 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _line(entry: JournalEntry) -> bytes:
+    """One journal line: the entry's fields in order (so `key` comes first), as pydantic would write
+    them, by orjson at a third of the cost. A `parsed` value that is not plain JSON goes through pydantic."""
+    try:
+        return orjson.dumps(entry.__dict__, default=_plain, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return _ENTRY.dump_json(entry) + b"\n"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError
 
 
 def _pack(fid: int, offset: int, length: int) -> int:

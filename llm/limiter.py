@@ -22,6 +22,9 @@ RECOVERY_PER_SUCCESS = 0.01
 BREAKER_WINDOW_S = 5.0
 BREAKER_THRESHOLD = 5
 DEFAULT_PAUSE_S = 2.0
+# 429s that arrive within this long of a cut answer requests sent before it: one congestion event,
+# one cut (as TCP halves once per loss window), else a burst of 64 in flight floors the rate at once.
+CUT_INTERVAL_S = 1.0
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -78,6 +81,7 @@ class Limiter:
         self.output = Bucket(limits.otpm, limits.burst_s, now) if limits.otpm else None
         self.factor = 1.0
         self.paused_until = 0.0
+        self._next_cut = 0.0
         self._recent_429s: deque[float] = deque()
 
     def reserve(self, input_tokens: float, output_tokens: float) -> tuple[Reservation, float]:
@@ -138,7 +142,9 @@ class Limiter:
         """A 429: cut the rate; several within a few seconds pause every caller until the server's reset."""
         with self._lock:
             now = self.clock()
-            self.factor = max(MIN_FACTOR, self.factor * 0.5)
+            if now >= self._next_cut:
+                self.factor = max(MIN_FACTOR, self.factor * 0.5)
+                self._next_cut = now + max(CUT_INTERVAL_S, retry_after or 0.0)
             self._recent_429s.append(now)
             while self._recent_429s and self._recent_429s[0] < now - BREAKER_WINDOW_S:
                 self._recent_429s.popleft()

@@ -15,8 +15,6 @@ DEFAULT_MAX_CHARS = 8000
 
 # Curly apostrophes are common in scraped text and carry the same preamble.
 ROLE_PLAY = re.compile(r"\b(?:you are|you['\u2019]re|imagine|take \w*(?: \w+)* role)\b", re.IGNORECASE)
-# Cheap pre-test: a first line without any of these words cannot match ROLE_PLAY.
-_ROLE_PLAY_WORDS = ("you", "imagine", "take")
 _ENGLISH = {"english", "en"}
 
 
@@ -43,20 +41,32 @@ def too_long(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
 
 
 def role_play(text: str) -> str | None:
-    first_line = text.strip().partition("\n")[0]
+    return _role_play(text.lstrip())
+
+
+def _role_play(stripped: str) -> str | None:
+    # the first line alone, sliced rather than partitioned: partition would copy the rest of a long text
+    end = stripped.find("\n")
+    first_line = stripped if end < 0 else stripped[:end]
     lowered = first_line.lower()
-    if not any(word in lowered for word in _ROLE_PLAY_WORDS):
-        return None
+    if "you" not in lowered and "imagine" not in lowered and "take" not in lowered:
+        return None  # cheap pre-test: without one of these words ROLE_PLAY cannot match
     return "role_play" if ROLE_PLAY.search(first_line) else None
 
 
 def drop_reason(text: str, user_turns: int = 1, language: str | None = None,
                 max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
-    """The first rule an instruction breaks, or None when it is kept."""
-    return (
-        multi_turn(user_turns)
-        or not_english(language)
-        or empty(text)
-        or too_long(text, max_chars)
-        or role_play(text)
-    )
+    """The first rule an instruction breaks, or None when it is kept.
+
+    The rules above, in this order, with the text stripped once: this runs for every source row.
+    """
+    if user_turns > 1:
+        return "multi_turn"
+    if language and not_english(language):
+        return "not_english"
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if len(stripped) > max_chars:
+        return "too_long"
+    return _role_play(stripped)

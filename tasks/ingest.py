@@ -12,17 +12,28 @@ Order of decisions for every row, each counted by reason in the summary:
    already in the data directory, so re-running with a larger limit adds only the difference;
 5. ids already in the data directory are not written again (a DuckDB anti-join per output file).
 
+Steps 1 and 2 and the instruction id are the costly part (parsing, hashing); they depend on one row
+only, so large JSON-lines and Parquet files are cut into parts (`Origin.parts`) that worker processes
+judge (`judge_part`) while this process takes their verdicts in file order and does steps 3 to 5. The
+result is the same with any number of workers, one included.
+
 Memory stays flat in the number of rows read: rows stream through, dedup keeps one integer per kept
-instruction, output leaves in files of `rows_per_file` rows, and only a selection (--limit / --quota)
-holds its N chosen candidates. Rows are built column-wise with the functions `Instruction.from_text`
-uses; the model validates the first row of every file as a guard against the two drifting apart.
+instruction, at most two parts per worker are in flight, output leaves in files of `rows_per_file` rows,
+and only a selection (--limit / --quota) holds its N chosen candidates. Rows are built column-wise with
+the functions `Instruction.from_text` uses; the model validates the first row of every file as a guard
+against the two drifting apart.
 """
 from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import multiprocessing
+import os
+import sys
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -31,10 +42,18 @@ import pyarrow as pa
 from facets.schemas import Failure, Instruction, arrow_schema, bucket_of, from_table, instruction_id
 from facets.storage import Catalog, Store
 from facets.tasks.filters import DEFAULT_MAX_CHARS, drop_reason
-from facets.tasks.sources import RAW_CHARS, RowError, Source, ordered, parse_source
+from facets.tasks.sources import RAW_CHARS, Layout, Origin, RowError, Source, dump, map_record, ordered, parse_source
 
 STAGE = "instructions"
 ROWS_PER_FILE = 50_000
+# A worker's unit of work. Large enough that a part's bookkeeping is noise, small enough to keep both
+# memory (a part's verdicts) and the tail (the last part, read alone) small.
+PART_BYTES = 16 << 20
+# The one process that dedups and writes spends about a third of a worker's CPU per row (bench/ingest.py):
+# past a few workers it is the bottleneck, and more would only wait on it.
+MAX_WORKERS = 4
+# Failed rows named one per line on stderr by the CLI; the rest are counted, and all are in `failures`.
+FAILURES_SHOWN = 10
 # Summary columns in the order a row meets them; failure reasons follow alphabetically.
 REASON_ORDER = ("multi_turn", "not_english", "empty", "too_long", "role_play", "duplicate", "over_quota",
                 "over_limit", "already_ingested")
@@ -47,6 +66,7 @@ class IngestError(Exception):
 class Pick(NamedTuple):
     source: str
     id: str
+    bucket: int
     text: str
     main_source: str
     original_source: str
@@ -67,6 +87,8 @@ class IngestSummary:
     tallies: dict[str, Tally]
     files: list[str] = field(default_factory=list)
     failures: int = 0
+    first_failures: list[str] = field(default_factory=list)  # "FILE: row N: why", the first FAILURES_SHOWN
+    workers: int = 1  # processes that judged rows: 1 when everything was read in this process
 
     @property
     def kept(self) -> int:
@@ -136,14 +158,11 @@ class InstructionWriter:
         if not picks:
             return
         new_ids = set(self.catalog.missing(STAGE, [p.id for p in picks], on="id").column("id").to_pylist())
-        fresh = []
-        for pick in picks:
-            tally = self.summary.tallies[pick.source]
-            if pick.id in new_ids:
-                tally.kept += 1
-                fresh.append(pick)
-            else:
-                tally.dropped["already_ingested"] += 1
+        fresh = [p for p in picks if p.id in new_ids] if len(new_ids) < len(picks) else picks
+        for source, count in Counter(p.source for p in fresh).items():
+            self.summary.tallies[source].kept += count
+        for source, count in Counter(p.source for p in picks if p.id not in new_ids).items():
+            self.summary.tallies[source].dropped["already_ingested"] += count
         if fresh:
             table = _instruction_table(fresh)
             from_table(table.slice(0, 1), Instruction)
@@ -151,18 +170,25 @@ class InstructionWriter:
 
 
 def _instruction_table(picks: list[Pick]) -> pa.Table:
-    _, ids, texts, main_sources, original_sources = zip(*picks)
+    _, ids, buckets, texts, main_sources, original_sources = zip(*picks)
+    schema = arrow_schema(Instruction)
     return pa.table(
         {
             "id": ids,
-            "bucket": [bucket_of(i) for i in ids],
+            "bucket": buckets,
             "text": texts,
             "main_source": main_sources,
             "original_source": original_sources,
-            "metadata": [[]] * len(picks),
+            "metadata": _empty_maps(len(picks), schema.field("metadata").type),
         },
-        schema=arrow_schema(Instruction),
+        schema=schema,
     )
+
+
+def _empty_maps(n: int, map_type: pa.DataType) -> pa.Array:
+    """n empty maps, built from offsets: converting n Python `{}` costs more than the rest of the table."""
+    no_strings = pa.array([], pa.string())
+    return pa.MapArray.from_arrays(pa.array([0] * (n + 1), pa.int32()), no_strings, no_strings, type=map_type)
 
 
 class FailureLog:
@@ -172,11 +198,13 @@ class FailureLog:
         self.store, self.summary, self.rows_per_file = store, summary, rows_per_file
         self.buffer: list[Failure] = []
 
-    def add(self, source: str, origin: str, number: int, error: RowError, raw: bytes | None) -> None:
+    def add(self, source: str, origin: str, number: int, failed: Failed) -> None:
         self.buffer.append(Failure(
-            stage="ingest", key=origin, reason=error.reason, detail=str(error), source=source, row=number,
-            raw_output=(raw or b"").decode("utf-8", errors="replace")[:RAW_CHARS],
+            stage="ingest", key=origin, reason=failed.reason, detail=failed.detail, source=source, row=number,
+            raw_output=(failed.raw or b"").decode("utf-8", errors="replace")[:RAW_CHARS],
         ))
+        if len(self.summary.first_failures) < FAILURES_SHOWN:
+            self.summary.first_failures.append(f"{origin}: row {number}: {failed.detail}")
         if len(self.buffer) >= self.rows_per_file:
             self.flush()
 
@@ -187,9 +215,131 @@ class FailureLog:
             self.summary.failures += len(failures)
 
 
+# -- verdicts: what one row comes to, decided where the row is read -------------------------------------------
+class Kept(NamedTuple):
+    """A row that passed the rules; dedup and selection happen later, in one process, in source order."""
+
+    id: str
+    key: int
+    bucket: int
+    text: str
+    original_source: str
+
+
+class Failed(NamedTuple):
+    """A row that could not be mapped; `number` counts from the start of its part."""
+
+    number: int
+    reason: str
+    detail: str
+    raw: bytes | None
+
+
+# A drop reason (str), a Kept, a Failed, or None for a blank line.
+Verdict = str | Kept | Failed | None
+
+
+def verdicts(origin: Origin, layout: Layout, max_chars: int) -> Iterator[Verdict]:
+    """One verdict per row of `origin`, in order: the per-row work (mapping, rules, normalised id).
+
+    `map_rows` and the rules fused into one loop: this is the hot path of the stage, run for every row.
+    """
+    for number, record, raw in origin.records(layout.columns):
+        if record is None:
+            yield None
+            continue
+        if type(record) is RowError:
+            yield Failed(number, record.reason, str(record), raw)
+            continue
+        candidate = map_record(layout, record)
+        if type(candidate) is RowError:
+            yield Failed(number, candidate.reason, str(candidate), raw or dump(record))
+        elif reason := drop_reason(candidate.text, candidate.user_turns, candidate.language, max_chars):
+            yield reason
+        else:
+            text = candidate.text.strip()
+            iid = instruction_id(text)
+            yield Kept(iid, _dedup_key(iid), bucket_of(iid), text, candidate.original_source)
+
+
+def judge_part(layout: Layout, part: Origin, max_chars: int) -> tuple[int, list[Verdict]]:
+    """A part's verdicts and its row count (the offset of the next part's row numbers); runs in a worker."""
+    judged = list(verdicts(part, layout, max_chars))
+    return len(judged), judged
+
+
+# -- worker processes -------------------------------------------------------------------------------------------
+def default_workers() -> int:
+    """One worker per CPU this process may use, up to MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_WORKERS)
+
+
+def _start_pool(workers: int) -> Executor | None:
+    """Worker processes forked from this one, or None to judge in this process.
+
+    Forked, never spawned: a spawned worker re-imports pyarrow, pydantic and our schemas, seconds that a
+    fork does not pay. Forking is only safe in a process with one thread (the `facets ingest` command):
+    another thread may hold a lock the child then waits on forever. So in a threaded process (a Prefect
+    task run), and off Linux, the parts are judged here, one after the other: slower, same result. The
+    pool starts before the catalog opens a DuckDB connection, whose threads would count too.
+    """
+    if workers < 2 or not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return None
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()  # with fork, the first submit starts every worker: do it now
+    return pool
+
+
+class Judged(NamedTuple):
+    """A part's verdicts; `base` is the number of rows of its origin before it."""
+
+    source: Source
+    origin: str
+    base: int
+    verdicts: Iterable[Verdict]
+
+
+def _judged(source: Source, parts: dict[str, list[Origin]], max_chars: int, pool: Executor | None,
+            in_flight: int) -> Iterator[Judged]:
+    """The verdicts of every row of `source`, part by part, in file order."""
+    for origin in source.origins:
+        layout = source.layout(origin)
+        pieces = parts[origin.label]
+        if len(pieces) == 1:  # streamed: a single-part origin may be large (CSV, JSON array, hub)
+            yield Judged(source, origin.label, 0, verdicts(origin, layout, max_chars))
+            continue
+        jobs = [(layout, piece, max_chars) for piece in pieces]
+        results = _in_order(pool, jobs, in_flight) if pool is not None else (judge_part(*job) for job in jobs)
+        base = 0
+        for count, judged in results:
+            yield Judged(source, origin.label, base, judged)
+            base += count
+
+
+def _in_order(pool: Executor, jobs: list[tuple], in_flight: int) -> Iterator[tuple[int, list[Verdict]]]:
+    """judge_part over `jobs` in the pool, results in job order, at most `in_flight` submitted ahead."""
+    pending: deque[Future] = deque()
+    jobs_left = iter(jobs)
+    try:
+        for job in jobs_left:
+            pending.append(pool.submit(judge_part, *job))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+# -- the stage ----------------------------------------------------------------------------------------------------
 def ingest(
     data_dir: str | Store,
-    sources: Sequence[str],
+    sources: Sequence[str | Source],
     *,
     limit: int | None = None,
     seed: int = 0,
@@ -197,29 +347,42 @@ def ingest(
     max_chars: int = DEFAULT_MAX_CHARS,
     text_column: str | None = None,
     rows_per_file: int = ROWS_PER_FILE,
+    workers: int | None = None,
+    part_bytes: int = PART_BYTES,
 ) -> IngestSummary:
-    """Ingest NAME=LOCATION sources into the `instructions` stage of `data_dir`; see the module docstring.
+    """Ingest sources into the `instructions` stage of `data_dir`; see the module docstring.
 
-    Raises SourceError or IngestError, before anything is written, when the input cannot be ingested.
+    A source is a NAME=LOCATION spec or an already resolved Source (for instance a HubDataset over a
+    local dataset directory). `workers` processes judge large files (default: one per CPU; 1 reads
+    everything in this process). Raises SourceError or IngestError, before anything is written, when
+    the input cannot be ingested.
     """
-    resolved = ordered([parse_source(spec, text_column) for spec in sources])
+    resolved = ordered([s if isinstance(s, Source) else parse_source(s, text_column) for s in sources])
     quotas = dict(quotas or {})
-    _check_options(resolved, limit, quotas, text_column, max_chars, rows_per_file)
+    workers = default_workers() if workers is None else workers
+    _check_options(resolved, limit, quotas, text_column, max_chars, rows_per_file, workers, part_bytes)
     for source in resolved:
         source.check()
-    store = data_dir if isinstance(data_dir, Store) else Store(data_dir)
-    summary = IngestSummary({s.name: Tally() for s in resolved})
-    with store.catalog() as catalog:
-        writer = InstructionWriter(store, catalog, summary, rows_per_file)
-        failures = FailureLog(store, summary, rows_per_file)
-        _run(resolved, writer, failures, summary, limit, seed, quotas, max_chars)
-        writer.flush()
-        failures.flush()
+    parts = {o.label: o.parts(part_bytes) for s in resolved for o in s.origins}
+    pool = _start_pool(workers) if any(len(p) > 1 for p in parts.values()) else None
+    try:
+        store = data_dir if isinstance(data_dir, Store) else Store(data_dir)
+        summary = IngestSummary({s.name: Tally() for s in resolved}, workers=workers if pool is not None else 1)
+        with store.catalog() as catalog:
+            writer = InstructionWriter(store, catalog, summary, rows_per_file)
+            failures = FailureLog(store, summary, rows_per_file)
+            judged = (j for s in resolved for j in _judged(s, parts, max_chars, pool, 2 * workers))
+            _run(judged, writer, failures, summary, limit, seed, quotas)
+            writer.flush()
+            failures.flush()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return summary
 
 
 def _check_options(sources: list[Source], limit: int | None, quotas: dict[str, int], text_column: str | None,
-                   max_chars: int, rows_per_file: int) -> None:
+                   max_chars: int, rows_per_file: int, workers: int, part_bytes: int) -> None:
     names = {s.name for s in sources}
     if not sources:
         raise IngestError("no source given: pass --source NAME=PATH_OR_HUB_ID")
@@ -234,10 +397,13 @@ def _check_options(sources: list[Source], limit: int | None, quotas: dict[str, i
         raise IngestError("--text-column applies to your own sources only; the paper's sources have fixed layouts")
     if max_chars < 1 or rows_per_file < 1:
         raise IngestError("--max-chars and rows per file must be >= 1")
+    if workers < 1 or part_bytes < 1:
+        raise IngestError(f"--workers must be >= 1, got {workers}" if workers < 1 else "part size must be >= 1")
 
 
-def _run(sources: list[Source], writer: InstructionWriter, failures: FailureLog, summary: IngestSummary,
-         limit: int | None, seed: int, quotas: dict[str, int], max_chars: int) -> None:
+def _run(judged: Iterator[Judged], writer: InstructionWriter, failures: FailureLog,
+         summary: IngestSummary, limit: int | None, seed: int, quotas: dict[str, int]) -> None:
+    """Steps 3 to 5 over the verdicts, in source order: this loop is the one serial part, so it stays lean."""
     by_quota = {name: LowestRanks(n, seed) for name, n in quotas.items()}
     by_limit = LowestRanks(limit, seed) if limit is not None else None
     seen: set[int] = set()
@@ -248,34 +414,26 @@ def _run(sources: list[Source], writer: InstructionWriter, failures: FailureLog,
         elif (out := lowest.offer(pick)) is not None:
             summary.tallies[out.source].dropped[reason] += 1
 
-    for source in sources:
-        dropped = summary.tallies[source.name].dropped
-        quota = by_quota.get(source.name)
-        for row in source.rows():
-            candidate = row.outcome
-            if type(candidate) is RowError:
-                dropped[candidate.reason] += 1
-                failures.add(source.name, row.origin, row.number, candidate, row.raw)
-                continue
-            reason = drop_reason(candidate.text, candidate.user_turns, candidate.language, max_chars)
-            if reason:
-                dropped[reason] += 1
-                continue
-            text = candidate.text.strip()
-            iid = instruction_id(text)
-            key = _dedup_key(iid)
-            if key in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(key)
-            pick = Pick(source.name, iid, text, source.main_source, candidate.original_source)
-            if quota is not None:
-                select(pick, quota, "over_quota")
-            else:
-                select(pick, by_limit, "over_limit")
+    for part in judged:
+        name, main_source = part.source.name, part.source.main_source
+        dropped = summary.tallies[name].dropped
+        lowest, reason = (by_quota[name], "over_quota") if name in by_quota else (by_limit, "over_limit")
+        for verdict in part.verdicts:
+            kind = type(verdict)
+            if kind is Kept:
+                if verdict.key in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add(verdict.key)
+                select(Pick(name, verdict.id, verdict.bucket, verdict.text, main_source, verdict.original_source),
+                       lowest, reason)
+            elif kind is str:
+                dropped[verdict] += 1
+            elif kind is Failed:
+                dropped[verdict.reason] += 1
+                failures.add(name, part.origin, part.base + verdict.number, verdict)
     for lowest in by_quota.values():
         for pick in lowest.picks():
             select(pick, by_limit, "over_limit")
     for pick in by_limit.picks() if by_limit else ():
         writer.add(pick)
-

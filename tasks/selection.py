@@ -37,7 +37,9 @@ class Pool:
         if not ids or not files:
             return []
         table = ds.dataset(files, format="parquet", filesystem=self.store.fs).to_table(filter=ds.field("id").isin(ids))
-        first = pc.index_in(table.column("id"), table.column("id"))  # one row per id: ingest never writes an id twice, a race might
+        # one row per id: ingest never writes an id twice, but two concurrent ingests might
+        ids_column = table.column("id").combine_chunks()
+        first = pc.index_in(ids_column, value_set=ids_column)
         table = table.take(sorted(set(first.to_pylist())))
         return list(from_table(table, Instruction))
 

@@ -17,13 +17,20 @@ Every check that can fail a source runs in `Source.check()`, before anything is 
 
 Row numbers are 1-based line numbers for JSON lines and CSV, record positions otherwise. A JSON array is
 read whole; use JSON lines (or Parquet) for large files.
+
+Large JSON-lines and Parquet files are cut into parts (`Origin.parts`): line-aligned byte ranges and runs
+of row groups, so that the ingest stage can read them in several processes. A part numbers its rows from
+1; the reader adds the rows of the parts before it, so row numbers are those of the whole file.
 """
 from __future__ import annotations
 
 import csv
+import mmap
+import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,6 +58,8 @@ HUB_DEFAULTS: dict[str, tuple[str, str]] = {
 DEFAULT_TEXT_COLUMNS: tuple[str, ...] = ("instruction", "prompt", "question", "text")
 FILE_TYPES: dict[str, str] = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 RAW_CHARS = 500
+# Editors on Windows open UTF-8 files with a byte order mark; it is not part of the first record.
+BOM = b"\xef\xbb\xbf"
 
 _NAME = re.compile(r"^[\w.-]+$")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(?::[\w.-]+)?$")
@@ -78,12 +87,19 @@ class Candidate(NamedTuple):
 
 
 class Row(NamedTuple):
-    """One row read from an origin: a Candidate, or the RowError that stopped it, with its raw bytes."""
+    """One row read from an origin: a Candidate, or the RowError that stopped it, with its raw bytes.
+
+    A blank line of a JSON-lines file is a Row with outcome None: it holds a row number and nothing else.
+    """
 
     origin: str
     number: int
-    outcome: Candidate | RowError
+    outcome: Candidate | RowError | None
     raw: bytes | None
+
+
+# What an origin yields per row: (row number, parsed record or RowError or None for a blank line, raw bytes).
+Record = tuple[int, dict[str, Any] | RowError | None, bytes | None]
 
 
 # -- layouts: one mapping per source ------------------------------------------------------------------
@@ -117,6 +133,8 @@ def _tag(value: Any) -> str:
 
 
 def _int(value: Any, column: str) -> int:
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        return int(value)  # CSV has no types: its integers arrive as text
     if not isinstance(value, int) or isinstance(value, bool):
         raise RowError("bad_field", f"{column} is {_kind(value)}, not an integer")
     return value
@@ -175,13 +193,14 @@ LAYOUTS: dict[str, Layout] = {
 
 def own_layout(text_column: str) -> Layout:
     """A user's source: text from one column; a list there is a conversation of user turns."""
+    return Layout((text_column,), ("source", "language"), partial(_own, text_column), text_column)
 
-    def to_candidate(row: dict[str, Any]) -> Candidate:
-        text, turns = _conversation(row[text_column], text_column)
-        language = row.get("language")
-        return Candidate(text, _tag(row.get("source")), turns, language if isinstance(language, str) else None)
 
-    return Layout((text_column,), ("source", "language"), to_candidate, text_column)
+def _own(text_column: str, row: dict[str, Any]) -> Candidate:
+    # a module-level function under `partial`, not a closure: layouts travel to worker processes by pickle
+    text, turns = _conversation(row[text_column], text_column)
+    language = row.get("language")
+    return Candidate(text, _tag(row.get("source")), turns, language if isinstance(language, str) else None)
 
 
 def _conversation(value: Any, column: str) -> tuple[str, int]:
@@ -204,34 +223,78 @@ class Origin:
         """The column names from a header, or None where only the records tell (JSON)."""
         return None
 
-    def records(self, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any] | RowError, bytes | None]]:
+    def records(self, columns: tuple[str, ...]) -> Iterator[Record]:
         raise NotImplementedError
 
     def check_types(self, layout: Layout) -> None:
         """Header-level type checks; only Parquet has types to check."""
 
+    def parts(self, part_bytes: int) -> list[Origin]:
+        """Pieces of about `part_bytes` that can be read independently, in order; most origins are one piece."""
+        return [self]
+
 
 @dataclass
 class JsonLinesFile(Origin):
+    """The lines that start in bytes [start, end) of a JSON-lines file (the whole file by default).
+
+    The file is memory-mapped and each line parsed in place, without a copy. A part touches only its own
+    pages and unmaps them when done, so resident memory stays at about one part, whatever the file size.
+    """
+
     path: Path
+    start: int = 0
+    end: int | None = None
 
     @property
     def label(self) -> str:
         return str(self.path)
 
+    def parts(self, part_bytes: int) -> list[Origin]:
+        size = self.path.stat().st_size
+        bounds = [0]
+        with open(self.path, "rb") as data:
+            while bounds[-1] + part_bytes < size:
+                data.seek(bounds[-1] + part_bytes)
+                data.readline()  # to the start of the next line
+                if data.tell() >= size:
+                    break
+                bounds.append(data.tell())
+        return [replace(self, start=a, end=b) for a, b in zip(bounds, [*bounds[1:], None])]
+
     def records(self, columns):
-        with open(self.path, "rb") as lines:
-            for number, line in enumerate(lines, 1):
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError as error:
-                    if line.strip():
-                        yield number, _json_line_error(line, error), line
-                    continue
+        with open(self.path, "rb") as file:
+            size = min(os.fstat(file.fileno()).st_size, self.end if self.end is not None else 1 << 62)
+            if size <= self.start:
+                return
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                yield from _json_lines(data, self.start, size)
+
+
+def _json_lines(data: mmap.mmap, start: int, end: int) -> Iterator[Record]:
+    """The lines starting in [start, end); a blank line is a None record, so that row numbers stay true."""
+    view = memoryview(data)
+    try:
+        position = start + 3 if start == 0 and data[:3] == BOM else start
+        number = 0
+        while position < end:
+            stop = data.find(b"\n", position)
+            stop = len(data) if stop < 0 else stop
+            number += 1
+            try:
+                record = orjson.loads(view[position:stop])
+            except orjson.JSONDecodeError as error:
+                line = data[position:stop]
+                yield number, _json_line_error(line, error) if line.strip() else None, line
+            else:
                 if type(record) is dict:
-                    yield number, record, line
+                    yield number, record, None
                 else:
-                    yield number, RowError("not_an_object", f"a JSON {_kind(record)}, not an object"), line
+                    error = RowError("not_an_object", f"a JSON {_kind(record)}, not an object")
+                    yield number, error, data[position:stop]
+            position = stop + 1
+    finally:
+        view.release()
 
 
 def _json_line_error(line: bytes, error: orjson.JSONDecodeError) -> RowError:
@@ -259,7 +322,7 @@ class JsonArrayFile(Origin):
 
     def _load(self) -> list[Any]:
         try:
-            return orjson.loads(self.path.read_bytes())
+            return orjson.loads(self.path.read_bytes().removeprefix(BOM))
         except orjson.JSONDecodeError as error:
             reason = "not valid UTF-8" if "UTF-8" in error.msg else error.msg
             raise SourceError(f"{self.path}: broken JSON array ({reason} at line {error.lineno}, "
@@ -270,6 +333,7 @@ class JsonArrayFile(Origin):
 class ParquetFile(Origin):
     path: Path
     batch_rows: int = 8192
+    row_groups: tuple[int, ...] | None = None  # a part: these row groups only
 
     @property
     def label(self) -> str:
@@ -290,13 +354,33 @@ class ParquetFile(Origin):
                 or pa.types.is_list(text_type) or pa.types.is_large_list(text_type)):
             raise SourceError(f"{self.path}: column {layout.text_column} is {text_type}, not text")
 
+    def parts(self, part_bytes: int) -> list[Origin]:
+        try:
+            metadata = pq.read_metadata(self.path)
+        except (pa.ArrowException, OSError):
+            return [self]  # check() names the problem
+        groups: list[list[int]] = [[]]
+        size = 0
+        for index in range(metadata.num_row_groups):
+            if size >= part_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(index)
+            size += metadata.row_group(index).total_byte_size
+        return [self] if len(groups) == 1 else [replace(self, row_groups=tuple(g)) for g in groups]
+
     def records(self, columns):
         present = [c for c in columns if c in self._schema().names]
         number = 0
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=present):
-            for record in batch.to_pylist():
-                number += 1
-                yield number, record, None
+        try:
+            batches = pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=present,
+                                                             row_groups=self.row_groups)
+            for batch in batches:
+                for record in batch.to_pylist():
+                    number += 1
+                    yield number, record, None
+        except (pa.ArrowException, OSError) as error:  # a damaged page: the footer read fine, the data did not
+            raise SourceError(f"{self.path}: row {number + 1}: unreadable Parquet data ({_one_line(error)})") from None
 
 
 @dataclass
@@ -334,6 +418,8 @@ class CsvFile(Origin):
 def _decoded(raw, bad_lines: set[int]) -> Iterator[str]:
     """Lines decoded one at a time, so one bad line fails its row, not the file."""
     for number, line in enumerate(raw, 1):
+        if number == 1:
+            line = line.removeprefix(BOM)
         try:
             yield line.decode("utf-8")
         except UnicodeDecodeError:
@@ -394,7 +480,7 @@ class Source:
     def check(self) -> None:
         """Every whole-source failure, before anything is written (see the module's policy)."""
         for origin in self.origins:
-            layout = self._layout(origin)
+            layout = self.layout(origin)
             if origin.columns() is not None:
                 origin.check_types(layout)
             if not isinstance(origin, HubDataset):
@@ -402,9 +488,10 @@ class Source:
 
     def rows(self) -> Iterator[Row]:
         for origin in self.origins:
-            yield from _map_rows(origin, self._layout(origin))
+            yield from map_rows(origin, self.layout(origin))
 
-    def _layout(self, origin: Origin) -> Layout:
+    def layout(self, origin: Origin) -> Layout:
+        """The layout `origin` is read with, fitted (and checked) once per origin."""
         if origin.label not in self._layouts:
             self._layouts[origin.label] = self._fit_layout(origin)
         return self._layouts[origin.label]
@@ -429,17 +516,19 @@ class Source:
         for number, record, _ in origin.records(()):
             if isinstance(record, dict):
                 return list(record)
-            first_error = first_error or f"row {number}: {record}"
+            if record is not None:
+                first_error = first_error or f"row {number}: {record}"
         if first_error:
             raise SourceError(f"{origin.label}: no usable row ({first_error})")
         return []
 
     def _first_usable_row(self, origin: Origin, layout: Layout) -> None:
         first_error = None
-        for row in _map_rows(origin, layout):
+        for row in map_rows(origin, layout):
             if isinstance(row.outcome, Candidate):
                 return
-            first_error = first_error or f"row {row.number}: {row.outcome}"
+            if row.outcome is not None:
+                first_error = first_error or f"row {row.number}: {row.outcome}"
         if first_error:
             raise SourceError(f"{origin.label}: no usable row ({first_error})")
 
@@ -452,24 +541,31 @@ def _default_text_column(origin: Origin, columns: list[str]) -> str:
                       f"expected one of {', '.join(DEFAULT_TEXT_COLUMNS)} or turns, or give --text-column")
 
 
-def _map_rows(origin: Origin, layout: Layout) -> Iterator[Row]:
-    label, to_candidate = origin.label, layout.to_candidate
+def map_rows(origin: Origin, layout: Layout) -> Iterator[Row]:
+    """Every row of `origin` (a whole origin or one of its parts) mapped to a Candidate or a RowError."""
+    label = origin.label
     for number, record, raw in origin.records(layout.columns):
-        if isinstance(record, RowError):
+        if record is None or isinstance(record, RowError):
             yield Row(label, number, record, raw)
             continue
-        try:
-            outcome = to_candidate(record)
-        except RowError as error:
-            outcome = error
-        except KeyError as error:
-            outcome = RowError("missing_field", f"no {error.args[0]} field")
-        except (TypeError, AttributeError, IndexError) as error:
-            outcome = RowError("bad_field", _one_line(error))
-        yield Row(label, number, outcome, None if isinstance(outcome, Candidate) else raw or _dump(record))
+        outcome = map_record(layout, record)
+        yield Row(label, number, outcome, None if isinstance(outcome, Candidate) else raw or dump(record))
 
 
-def _dump(record: dict[str, Any]) -> bytes:
+def map_record(layout: Layout, record: dict[str, Any]) -> Candidate | RowError:
+    """One parsed record through its layout; whatever a malformed record raises becomes its RowError."""
+    try:
+        return layout.to_candidate(record)
+    except RowError as error:
+        return error
+    except KeyError as error:
+        return RowError("missing_field", f"no {error.args[0]} field")
+    except (TypeError, AttributeError, IndexError) as error:
+        return RowError("bad_field", _one_line(error))
+
+
+def dump(record: dict[str, Any]) -> bytes:
+    """A parsed record as JSON, for `failures`: the raw line is not kept for rows that parsed."""
     return orjson.dumps(record, default=str)[: RAW_CHARS * 4]
 
 
@@ -490,6 +586,9 @@ def parse_source(spec: str, text_column: str | None = None) -> Source:
     if path.exists():
         return Source(name, main_source, _local_origins(path), column)
     if _HUB_ID.match(location) and path.suffix.lower() not in FILE_TYPES:
+        if name in MAIN_SOURCES and name not in HUB_DEFAULTS:
+            raise SourceError(f"{location}: no such file or directory, and source {name} has no Hugging Face "
+                              f"hub copy to load instead: pass {name}=PATH")
         if name not in HUB_DEFAULTS:
             raise SourceError(f"unknown source {name!r}: {location!r} is not a local path, and only "
                               f"{', '.join(HUB_DEFAULTS)} load from the Hugging Face hub")
@@ -505,7 +604,7 @@ def _known_hint(name: str) -> str:
 def _local_origins(path: Path) -> list[Origin]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES
-                       and not p.name.startswith("."))
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise SourceError(f"{path}: no {', '.join(FILE_TYPES)} files in this directory")
         return [_origin(p) for p in files]

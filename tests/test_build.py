@@ -16,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from facets.flows.build import build_collection
 from facets.llm.errors import EndpointUnreachable, FatalEndpointError
 from facets.llm.simulator import SimulatorProcess, run_simulator
-from facets.schemas import PreferenceTree
+from facets.schemas import PreferencePairRow, PreferenceTree, SFTRow
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits, Retries
 from facets.storage import Store
 from facets.tasks.pairs import choose_pair
@@ -73,12 +73,14 @@ def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_
     dpo = datasets.load_dataset("parquet", data_dir=str(release / "dpo"), split="train")
     assert (len(sft), len(small), len(dpo)) == (3 * n, n, n)
     for row in sft:
+        SFTRow.model_validate(row)
         assert sorted(p["dimension"] for p in row["preference_set"]) == sorted(
             ["style", "background_knowledge", "informativeness", "harmlessness"])
     systems = {}
     for row in sft:
         systems.setdefault(row["prompt"], {})[row["output"]] = row["system"]
     for row in dpo:
+        PreferencePairRow.model_validate(row)
         assert row["chosen"][0] == {"content": row["prompt"], "role": "user"}
         chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
         assert systems[row["prompt"]][chosen] == row["system"]

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from facets.tasks.filters import DEFAULT_MAX_CHARS
-from facets.tasks.ingest import IngestError, ingest
+from facets.tasks.ingest import IngestError, IngestSummary, ingest
 from facets.tasks.sources import DEFAULT_TEXT_COLUMNS, HUB_DEFAULTS, MAIN_SOURCES, SourceError
 
 
@@ -26,6 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "or a turns list)")
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                         help=f"drop instructions longer than this (default: {DEFAULT_MAX_CHARS})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that read large files (default: one per CPU, at most 4; "
+                             "1 reads in this process)")
 
 
 def _quota(value: str) -> tuple[str, int]:
@@ -39,12 +42,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = ingest(
             args.data_dir, args.source, limit=args.limit, seed=args.seed, quotas=dict(args.quota),
-            max_chars=args.max_chars, text_column=args.text_column,
+            max_chars=args.max_chars, text_column=args.text_column, workers=args.workers,
         )
     except (SourceError, IngestError, OSError) as error:
         print(f"facets ingest: error: {error}", file=sys.stderr)
         return 2
+    _warn_failures(summary)
     print(summary.table())
     print(f"\n{summary.kept} new instructions in {len(summary.files)} file(s) under {args.data_dir}/stages/instructions"
           + (f"; {summary.failures} unreadable rows in {args.data_dir}/failures" if summary.failures else ""))
     return 0
+
+
+def _warn_failures(summary: IngestSummary) -> None:
+    """Rows that went to `failures` are named on stderr, one line each, so that none passes unseen."""
+    for line in summary.first_failures:
+        print(f"facets ingest: warning: {line}", file=sys.stderr)
+    more = summary.failures - len(summary.first_failures)
+    if more > 0:
+        print(f"facets ingest: warning: {more} more unreadable rows, see the failures table", file=sys.stderr)
