@@ -238,7 +238,11 @@ class Gateway:
         """Ask again online from a reply already rejected (one a batch returned): the original request,
         paid once, is not sent again; the accepted reply is journaled under the original key."""
         self._stop_if_aborted()
-        return await self._ask(call, stage, key, attempts - 1, last=(content, rejected.reason, str(rejected)))
+        try:
+            return await self._ask(call, stage, key, attempts - 1, last=(content, rejected.reason, str(rejected)))
+        except RunAborted as exc:
+            self.aborted = self.aborted or exc
+            raise
 
     async def _ask(self, call: "Call", stage: str, key: str, repair_attempts: int,
                    last: tuple[str, str, str] | None = None) -> Completion | None:

