@@ -75,7 +75,8 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
     await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir)
     budget = Budget(config.endpoint.max_cost)
-    gateways = {stage: Gateway(config.endpoint, journal, budget) for stage in LLM_STAGES}
+    in_flight = asyncio.Semaphore(config.endpoint.limits.max_in_flight)
+    gateways = {stage: Gateway(config.endpoint, journal, budget, in_flight) for stage in LLM_STAGES}
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
@@ -96,6 +97,7 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
             for stage in STAGES:
                 await stage_task(stage, ctx, shard)
                 await progress.advance(stage, shard)
+        shard.finish()
         return shard
 
     while (short := wanted - sum(len(s.accepted()) for s in done)) > 0 and pool.remaining:

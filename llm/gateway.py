@@ -125,7 +125,8 @@ def _strict(node: Any) -> Any:
 
 
 class Gateway:
-    def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None):
+    def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
+                 in_flight: asyncio.Semaphore | None = None):
         if endpoint.api_key is None and endpoint.base_url is None:
             raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
         self.endpoint = endpoint
@@ -139,7 +140,8 @@ class Gateway:
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
         retries = endpoint.retries
         self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s, endpoint.limits.max_in_flight)
-        self._in_flight = asyncio.Semaphore(endpoint.limits.max_in_flight)
+        # gateways of one run share the bound, so max_in_flight holds per endpoint, not per gateway
+        self._in_flight = in_flight or asyncio.Semaphore(endpoint.limits.max_in_flight)
         self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)
         self._mean_output: dict[str, float] = {}
         self.aborted: RunAborted | None = None  # the first fatal condition; every later call stops on it

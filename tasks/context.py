@@ -69,6 +69,9 @@ class BuildContext:
             await runner.aclose()
         for gateway in self.gateways.values():
             await gateway.aclose()
+        journals = {id(g.journal): g.journal for g in self.gateways.values() if g.journal is not None}
+        for journal in journals.values():
+            journal.close()
 
 
 def _failure_key(key: Key) -> str:

@@ -40,6 +40,7 @@ class Shard:
         self.rows: dict[str, dict[tuple[str, int], BaseModel]] = {}
         self.counts: dict[str, StageCount] = {}
         self.failures: Counter[str] = Counter()
+        self._accepted: list[str] | None = None
 
     def alive(self, stage: str | None) -> list[str]:
         """Instructions that have every row of `stage` (all of them when `stage` is None)."""
@@ -51,7 +52,14 @@ class Shard:
 
     def accepted(self) -> list[str]:
         """Instructions with a tree, all sets, system messages and responses, and a pair (decision 8)."""
-        return self.alive("pairs")
+        return self._accepted if self._accepted is not None else self.alive("pairs")
+
+    def finish(self) -> None:
+        """Keep what the release needs (accepted ids, fingerprints, counts) and let the texts go, so a
+        build's memory is bounded by the shards in flight, not by the collection."""
+        self._accepted = self.alive("pairs")
+        self.rows.clear()
+        self.instructions = {iid: None for iid in self.instructions}
 
 
 def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str]) -> dict[tuple[str, int], BaseModel]:
