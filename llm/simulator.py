@@ -1,6 +1,7 @@
 """Loopback OpenAI-compatible simulator: the endpoint for tests, the demo and benchmarks.
 
-It serves the parts of the OpenAI API the factory uses (chat completions, models, files, batches)
+It serves the parts of the OpenAI API the factory uses (chat completions, models, files, batches, and
+raw-prompt completions for models under evaluation)
 with real token counts, RPM/TPM token buckets, seeded faults and endpoint-side counters (`/stats`),
 so a test counts what was paid for at the endpoint, not in our own code. It only ever runs when
 started on purpose; nothing falls back to it.
@@ -48,6 +49,8 @@ ONE_PARAGRAPH = re.compile(r"\b(?:one|a single) paragraph\b", re.IGNORECASE)
 FAULT_KINDS = ("http_500", "http_503", "drop", "hang", "truncated_json", "invalid_json", "off_spec", "length")
 TRANSPORT_FAULTS = frozenset({"http_500", "http_503", "drop", "hang"})
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+JUDGE_MARK = "[RESULT]"  # a prose request containing it is answered "Feedback: ... [RESULT] k", k in 1..5
 DEFAULT_MODEL = "facets-sim"
 LISTENING = "simulator listening on"
 URL_RE = re.compile(LISTENING + r" (\S+)")
@@ -343,12 +346,14 @@ def completion(body: dict, digest: bytes, fault: str | None, prompt: int,
     rng = random.Random(digest + b"/" + str(config.seed).encode())
     mode, schema = reply_mode(body)
     asked = _last_user_text(body["messages"]) if mode == "prose" else ""
-    phrases = quoted_phrases(asked)
+    graded = JUDGE_MARK in asked  # a judge prompt: feedback, then the score line it asks for
+    phrases = [] if graded else quoted_phrases(asked)
     one_paragraph = bool(ONE_PARAGRAPH.search(asked))  # a model follows "in one paragraph"
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     choices, total = [], 0
     for index in range(body.get("n") or 1):
-        text, finish, tokens = _choice(rng, mode, schema, phrases, fault, limit, config.response_tokens, one_paragraph)
+        text, finish, tokens = _choice(rng, mode, schema, phrases, fault, limit, config.response_tokens, one_paragraph,
+                                       graded)
         total += tokens
         choices.append({"index": index, "finish_reason": finish, "logprobs": None,
                         "message": {"role": "assistant", "content": text, "refusal": None}})
@@ -366,9 +371,11 @@ def _last_user_text(messages: list[dict]) -> str:
 
 
 def _choice(rng: random.Random, mode: str, schema: dict | None, phrases: list[str], fault: str | None,
-            limit: int | None, mean_tokens: int, one_paragraph: bool = False) -> tuple[str, str, int]:
+            limit: int | None, mean_tokens: int, one_paragraph: bool = False, graded: bool = False) -> tuple[str, str, int]:
     """(content, finish_reason, completion tokens) for one choice; cut at `limit` like a real server."""
     text = _content(rng, mode, schema, phrases, fault, mean_tokens, one_paragraph)
+    if graded and mode == "prose" and fault != "off_spec":  # off-spec: a judge reply without its score
+        text = f"Feedback: {text} {JUDGE_MARK} {rng.randint(1, 5)}"
     if fault == "truncated_json":
         text = cut_half(text) if mode == "prose" else text[: len(text) // 2]
     tokens = count_tokens(text)
@@ -495,6 +502,7 @@ class Simulator:
         app = web.Application(client_max_size=MAX_UPLOAD)
         app.add_routes([
             web.post(CHAT_PATH, self.chat),
+            web.post(COMPLETIONS_PATH, self.text_completion),
             web.get("/v1/models", self.list_models),
             web.get("/v1/models/{model}", self.get_model),
             web.post("/v1/files", self.create_file),
@@ -576,6 +584,39 @@ class Simulator:
         self.limiter.charge_output(tokens)
         self.stats.paid(digest, prompt, tokens, fault, batch=False)
         return json_response(payload, headers={**self.limiter.headers(), "x-request-id": request_id})
+
+    async def text_completion(self, request: web.Request) -> web.StreamResponse:
+        """`/v1/completions` (raw-prompt servers such as vLLM): the prompt is answered as one user turn."""
+        self.stats.sync["requests"] += 1
+        fault, delay = self.draw_fault(), self.draw_delay()
+        if denied := self.unauthorized(request):
+            return denied
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self.error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return self.error(400, "'prompt' must be a string.", "invalid_request_error", None, "prompt")
+        chat_body = {k: v for k, v in body.items() if k != "prompt"}
+        chat_body["messages"] = [{"role": "user", "content": body["prompt"]}]
+        if problem := invalid_request(chat_body, self.config.models):
+            return self.error(*problem)
+        prompt = prompt_tokens(chat_body["messages"])
+        if refused := self.limiter.admit(prompt):
+            return self.rate_limited(*refused, body["model"])
+        self.stats.admit()
+        if delay:
+            await asyncio.sleep(delay)
+        if fault in TRANSPORT_FAULTS:
+            return await self.transport_fault(request, fault)
+        digest = body_digest(body)
+        payload, tokens = completion(chat_body, digest, fault, prompt, self.config, self.reply_id("cmpl-"))
+        payload["object"] = "text_completion"
+        payload["choices"] = [{"index": c["index"], "text": c["message"]["content"], "finish_reason": c["finish_reason"],
+                               "logprobs": None} for c in payload["choices"]]
+        self.limiter.charge_output(tokens)
+        self.stats.paid(digest, prompt, tokens, fault, batch=False)
+        return json_response(payload, headers={**self.limiter.headers(), "x-request-id": self.reply_id("req_")})
 
     def rate_limited(self, wait_s: float, bucket: str, model: str) -> web.Response:
         self.stats.sync["rate_limited"] += 1

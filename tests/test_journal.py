@@ -206,7 +206,8 @@ def test_reader_follows_a_running_writer_through_its_seal(tmp_path):
 def test_kill_9_loses_at_most_the_call_in_flight(tmp_path):
     p = child(tmp_path, "k", -1, seal=0.02)
     reported = 0
-    while reported < 400:
+    segments = tmp_path / "journal" / "segments"
+    while reported < 400 or not files(segments):  # killed only once it has sealed along the way
         reported = int(p.stdout.readline())
     os.kill(p.pid, signal.SIGKILL)
     reported = max([reported] + [int(line) for line in p.stdout.read().split()])

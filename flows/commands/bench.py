@@ -1,0 +1,147 @@
+"""`facets bench build`: the Multifaceted Bench from benchmark prompts, as `releases/<version>/bench/`.
+
+Runs the `build-bench` flow in this process on Prefect's embedded server. The endpoint comes from
+OPENAI_BASE_URL / OPENAI_API_KEY like `facets build`; with neither set, it runs against the loopback
+simulator, which it starts itself and says so (simulated text, for trying the pipeline).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from pydantic import ValidationError
+
+SIMULATOR_MODEL = "facets-sim"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = sub.add_parser("build", help="build the bench: system messages, reference answers and rubrics for benchmark prompts",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = build.add_argument
+    add("--config", type=Path, help="a BenchConfig as JSON (or YAML); the flags below override it")
+    add("--source", action="append", dest="sources", metavar="NAME=PATH",
+        help="benchmark prompts (repeatable): NAME is alpaca_eval, flask, koala, mt_bench or self_instruct; "
+             "PATH the benchmark's file or a folder holding it under its published name")
+    add("--data-dir", help="data directory (default ./data); its training prompts are left out of the bench")
+    add("--against", action="append", metavar="DATA_DIR", help="another data dir whose training prompts to leave out")
+    add("--per-benchmark", type=int, help="items drawn per benchmark, seeded (default: all)")
+    add("--seed", type=int, help="seed of the draw and of the preference sets (default 0)")
+    add("--model", help="the model of every stage (default: the config's, else gpt-4o-mini)")
+    add("--rpm", type=float, help="the endpoint's requests per minute")
+    add("--max-in-flight", type=int, help="concurrent requests at most")
+    add("--max-cost", type=float, help="hard spend cap in USD")
+    add("--mode", choices=["online", "batch"], help="online calls, or the OpenAI Batch API at half price")
+    add("--shard-size", type=int, help="items per shard, roughly (default 256)")
+    add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
+    add("--no-publish", dest="publish", action="store_false", default=None, help="run the stages, publish nothing")
+
+
+def load_config(args: argparse.Namespace):
+    from facets.schemas.evaluation import BenchConfig
+
+    data = read_config_file(args.config)
+    for name in ("sources", "data_dir", "against", "per_benchmark", "seed", "mode", "shard_size", "templates_dir", "publish"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    endpoint = data.setdefault("endpoint", {})
+    limits = endpoint.setdefault("limits", {})
+    for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
+                              ("max_in_flight", limits, "max_in_flight")):
+        if getattr(args, flag) is not None:
+            target[key] = getattr(args, flag)
+    return BenchConfig.model_validate(data)
+
+
+def read_config_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def no_endpoint(base_url: str | None = None) -> bool:
+    return not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") or base_url)
+
+
+def start_simulator(stack: ExitStack, seed: int, why: str) -> str:
+    """A loopback simulator for this command; its base URL."""
+    from facets.llm.simulator import SimulatorProcess
+
+    simulator = SimulatorProcess(seed=seed, latency_ms=50, jitter_ms=25)
+    simulator.start()
+    stack.callback(simulator.stop)
+    print(f"{why}: using the loopback simulator at {simulator.base_url} (simulated text, for trying the pipeline; "
+          "set OPENAI_API_KEY for real data)", file=sys.stderr)
+    return simulator.base_url
+
+
+class _WithoutTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def prefect_environment() -> None:
+    """Before Prefect is imported: no telemetry, and time for the embedded server on a busy small machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def run_flow(flow_fn, config) -> dict:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_WithoutTraceback())
+    return asyncio.run(flow_fn(config))
+
+
+def run(args: argparse.Namespace) -> int:
+    prefect_environment()
+    from facets.llm.errors import RunAborted
+    from facets.tasks.bench_release import BenchError
+    from facets.tasks.bench_sources import BenchSourceError
+
+    try:
+        config = load_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"facets bench build: bad config: {exc}", file=sys.stderr)
+        return 2
+    if not config.sources:
+        print("facets bench build: name at least one --source NAME=PATH (alpaca_eval, flask, koala, mt_bench, "
+              "self_instruct)", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        if no_endpoint(config.endpoint.base_url):
+            url = start_simulator(stack, config.seed, "OPENAI_API_KEY and OPENAI_BASE_URL are not set")
+            endpoint = config.endpoint.model_copy(update={"base_url": url, "model": SIMULATOR_MODEL})
+            stages = {n: s.model_copy(update={"model": None}) for n, s in config.stages.items()}
+            config = config.model_copy(update={"endpoint": endpoint, "stages": stages,
+                                               "rubrics": config.rubrics.model_copy(update={"model": None})})
+        from facets.flows.evaluate import build_bench
+
+        try:
+            report = run_flow(build_bench, config)
+        except (RunAborted, BenchSourceError, BenchError, ValueError) as exc:
+            print(f"facets bench build: error: {exc}", file=sys.stderr)
+            return 2
+    built = sum(report["built"].values())
+    print(f"{built} bench items; left out as training prompts: {len(report['contaminated'])}; "
+          f"left out by failed stages: {sum(report['left_out'].values())}")
+    for item in report["contaminated"][:10]:
+        print(f"  in training ({item['benchmark']}): {item['prompt'][:100]!r}")
+    release = report.get("release")
+    if release:
+        state = "new" if release["is_new"] else "unchanged"
+        print(f"bench {release['version']} ({state}) at {release['path']}/bench")
+        print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', data_dir='{release['path']}/bench'))\"")
+        print(f"  next:  facets eval generate --bench {release['path']} --model NAME ...")
+    return 0 if built else 1

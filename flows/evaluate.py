@@ -1,0 +1,270 @@
+"""The `build-bench` and `evaluate` flows: the Multifaceted Bench, then models generating on it and a judge.
+
+`build-bench` reads the five benchmarks' prompts, leaves out those already in a training release, and
+runs them through the build's own stages (DESIGN decision 11) with one preference set per item: a
+preference tree, the set, a system message and a gold response (the reference answer); then its own
+stage, one rubric per preference. Items with all their rows become `releases/<version>/bench/`.
+
+`evaluate` has a response generated for every bench item by each model under test (served or local),
+has a judge grade each response on each rubric in N runs, and publishes the summary table (models by
+mf-AlpacaEval ... mf-Self-Instruct and Average, with coverage) as files and as Prefect artifacts.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from facets.flows.build import load_templates
+from facets.llm.batch import BatchRunner
+from facets.llm.budget import Budget
+from facets.llm.errors import RunAborted
+from facets.llm.gateway import Gateway
+from facets.llm.journal import Journal
+from facets.llm.preflight import check_endpoint
+from facets.schemas import BenchRow, Rubric, instruction_id
+from facets.schemas.config import LLM_STAGES
+from facets.schemas.evaluation import BENCHMARKS, BenchConfig, EvalConfig
+from facets.storage import Store
+from facets.tasks import bench_rubrics, preference_sets, preference_trees, responses, system_messages
+from facets.tasks.bench_release import load_bench, publish_bench, split_contaminated, training_prompts
+from facets.tasks.bench_rubrics import BenchContext, load_rubric_template, rubrics_of
+from facets.tasks.bench_sources import BenchPrompt, load_bench_prompts
+from facets.tasks.plan import buckets_per_shard, shard_ranges
+from facets.tasks.shard import Shard
+
+BENCH_STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", bench_rubrics.STAGE)
+BENCH_RUNNERS = {
+    "preference_trees": preference_trees.run,
+    "preference_sets": preference_sets.run,
+    "system_messages": system_messages.run,
+    "responses": responses.run,
+    bench_rubrics.STAGE: bench_rubrics.run,
+}
+# an item left out, by the first of its rows that is missing
+MISSING = (("preference_trees", "preference tree missing"), ("preference_sets", "preference set missing"),
+           ("system_messages", "system message missing"), ("responses", "reference answer missing"))
+
+
+def _retry_unless_aborted(task_, task_run, state) -> bool:
+    return not isinstance(state.data, RunAborted)
+
+
+@task(name="bench-stage", cache_policy=NO_CACHE, task_run_name="bench-{stage}-{shard.name}", retry_delay_seconds=2)
+async def bench_stage(stage: str, ctx: BenchContext, shard: Shard) -> dict[str, int]:
+    await BENCH_RUNNERS[stage](ctx, shard)
+    count = shard.counts[stage]
+    return {"reused": count.reused, "made": count.made, "failed": count.failed}
+
+
+async def open_bench_context(config: BenchConfig, store: Store) -> BenchContext:
+    """The build's gateways (one journal, one budget) plus the rubric stage's, after an endpoint check."""
+    build = config.build_config()
+    models = sorted({build.model_of(stage) for stage in LLM_STAGES} | {config.rubric_model()})
+    await check_endpoint(build.endpoint, models)
+    journal, budget = Journal(build.data_dir), Budget(build.endpoint.max_cost)
+    stages = (*LLM_STAGES, bench_rubrics.STAGE)
+    gateways = {stage: Gateway(build.endpoint, journal, budget) for stage in stages}
+    for model in models:
+        gateways["responses"].check_price(model)
+    batches = None
+    if build.mode == "batch":
+        batches = {stage: BatchRunner(gateways[stage], build.data_dir, poll_initial_s=build.batch_poll_s) for stage in stages}
+    templates = {**load_templates(build), bench_rubrics.TEMPLATE: load_rubric_template(build.templates_dir)}
+    return BenchContext(build, store, templates, gateways, batches, rubrics=config.rubrics)
+
+
+class BenchReport(BaseModel):
+    read: dict[str, int]                      # benchmark -> prompts read
+    duplicates: dict[str, int]                # benchmark -> prompts kept by another benchmark
+    contaminated: list[dict[str, str]]        # prompts left out as training prompts
+    drawn: dict[str, int]                     # benchmark -> prompts sent through the stages
+    built: dict[str, int]                     # benchmark -> items with all their rows
+    left_out: dict[str, int]                  # reason -> items
+    stages: dict[str, dict[str, int]]
+    failures: dict[str, int]
+    usage: dict[str, dict]
+    seconds: float
+    release: dict | None = None
+
+    def text(self) -> str:
+        lines = [f"{'benchmark':<16}{'read':>7}{'dupes':>7}{'in training':>13}{'drawn':>7}{'built':>7}"]
+        gone = Counter(p["benchmark"] for p in self.contaminated)
+        for name in BENCHMARKS:
+            if self.read.get(name):
+                lines.append(f"{name:<16}{self.read.get(name, 0):>7}{self.duplicates.get(name, 0):>7}{gone[name]:>13}"
+                             f"{self.drawn.get(name, 0):>7}{self.built.get(name, 0):>7}")
+        lines.append(f"{sum(self.built.values())} bench items in {self.seconds:.1f}s")
+        if self.contaminated:
+            lines.append(f"left out as training prompts: {len(self.contaminated)}, e.g. "
+                         + "; ".join(repr(p["prompt"][:60]) for p in self.contaminated[:3]))
+        if self.left_out:
+            lines.append("left out by failed stages: " + ", ".join(f"{r} x{n}" for r, n in self.left_out.items()))
+        if self.release:
+            state = "new" if self.release["is_new"] else "unchanged"
+            lines.append(f"bench release {self.release['version']} ({state}): {self.release['path']}")
+        return "\n".join(lines)
+
+
+def bench_rows(shards: list[Shard], prompts: dict[str, BenchPrompt]) -> tuple[list[BenchRow], Counter]:
+    """The published rows of the items that have every row, and why each other item is left out."""
+    rows, left_out = [], Counter()
+    for shard in shards:
+        for iid, instruction in shard.instructions.items():
+            missing = next((reason for stage, reason in MISSING if (iid, 0) not in shard.rows.get(stage, {})), None)
+            rubrics = rubrics_of(shard, iid)
+            if missing or rubrics is None:
+                left_out[missing or "rubric missing"] += 1
+                continue
+            rows.append(BenchRow(
+                source=prompts[iid].source,
+                preference_set=list(shard.rows["preference_sets"][(iid, 0)].preferences),
+                system=shard.rows["system_messages"][(iid, 0)].text,
+                prompt=instruction.text,
+                reference_answer=shard.rows["responses"][(iid, 0)].text,
+                rubrics=[Rubric(criteria=r.criteria, score_descriptions=r.score_descriptions) for r in rubrics],
+            ))
+    return rows, left_out
+
+
+@flow(name="build-bench", log_prints=True, persist_result=False)
+async def build_bench(config: BenchConfig) -> dict:
+    """Build the Multifaceted Bench from benchmark prompts and publish it as `releases/<version>/bench/`."""
+    started = time.monotonic()
+    logger = get_run_logger()
+    if not config.sources:
+        raise ValueError("no bench sources: pass NAME=PATH for any of " + ", ".join(BENCHMARKS))
+    store = Store(config.data_dir)
+    prompts, loaded = load_bench_prompts(config.sources, config.per_benchmark, config.seed)
+    training: set[str] = training_prompts(store)
+    for other in config.against:
+        training |= training_prompts(Store(other))
+    kept, removed = split_contaminated(prompts, training)
+    if removed:
+        logger.warning("left out %d bench prompts that are training prompts", len(removed))
+    by_id = {p.id: p for p in kept}
+    ctx = await open_bench_context(config, store)
+    limit = asyncio.Semaphore(config.max_concurrent_shards)
+    stage_task = bench_stage.with_options(retries=config.shard_retries, retry_condition_fn=_retry_unless_aborted)
+    instructions = [p.instruction for p in kept]
+    width = buckets_per_shard(len(instructions), config.shard_size)
+    shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, 1)
+              for (lo, hi), group in shard_ranges(instructions, width).items()]
+
+    async def one(shard: Shard) -> Shard:
+        async with limit:
+            for stage in BENCH_STAGES:
+                await stage_task(stage, ctx, shard)
+        return shard
+
+    try:
+        await asyncio.gather(*(one(s) for s in shards))
+    finally:
+        await ctx.aclose()
+    rows, left_out = bench_rows(shards, by_id)
+    stages = {stage: Counter() for stage in BENCH_STAGES}
+    for shard in shards:
+        for stage, count in shard.counts.items():
+            stages[stage].update({"reused": count.reused, "made": count.made, "failed": count.failed})
+    built = Counter(by_id[instruction_id(r.prompt)].benchmark for r in rows)
+    report = BenchReport(
+        read=dict(loaded.read), duplicates=dict(loaded.duplicates),
+        contaminated=[{"benchmark": p.benchmark, "source": p.source, "prompt": p.text} for p in removed],
+        drawn=dict(Counter(p.benchmark for p in kept)), built=dict(built), left_out=dict(left_out),
+        stages={s: {k: c[k] for k in ("reused", "made", "failed")} for s, c in stages.items()},
+        failures=dict(sum((s.failures for s in shards), Counter()).most_common()),
+        usage={stage: g.usage.summary() for stage, g in ctx.gateways.items()},
+        seconds=round(time.monotonic() - started, 3))
+    if config.publish and rows:
+        release = publish_bench(store, rows, {
+            "models": {**{s: config.build_config().model_of(s) for s in LLM_STAGES}, bench_rubrics.STAGE: config.rubric_model()},
+            "prompt_versions": {name: t.version for name, t in ctx.templates.items()},
+            "seed": config.seed, "per_benchmark": config.per_benchmark,
+            "read": report.read, "duplicates": report.duplicates, "left_out": report.left_out,
+            "contaminated": report.contaminated, "usage": report.usage,
+        })
+        report.release = {"version": release.version, "path": release.path, "rows": release.rows, "is_new": release.is_new}
+    from prefect.artifacts import acreate_markdown_artifact
+
+    await acreate_markdown_artifact(f"```\n{report.text()}\n```", key="bench-report", description="build-bench summary")
+    logger.info(report.text())
+    return report.model_dump(mode="json")
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+class EvalReport(BaseModel):
+    bench: str
+    generated: dict[str, dict] = Field(default_factory=dict)   # label -> generation report
+    judged: dict | None = None
+    summary: list[dict] = Field(default_factory=list)
+    markdown: str = ""
+    outputs: dict[str, str] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@task(name="generate", cache_policy=NO_CACHE, task_run_name="generate-{label}")
+async def generate_task(config: EvalConfig, label: str) -> dict:
+    from dataclasses import asdict
+
+    from facets.tasks.bench_generate import generate
+
+    spec = next(m for m in config.models if m.key == label)
+    report = await generate(config, spec, load_bench(config.bench), Store(config.data_dir))
+    return asdict(report)
+
+
+@task(name="judge", cache_policy=NO_CACHE)
+async def judge_task(config: EvalConfig, labels: list[str]) -> dict:
+    from facets.tasks.bench_judge import judge_models, summary_markdown, summary_rows
+
+    report = await judge_models(config, load_bench(config.bench), labels, Store(config.data_dir))
+    return {"judged": report.judged, "reused": report.reused, "failed": report.failed,
+            "missing_responses": report.missing_responses, "usage": report.usage,
+            "summary": summary_rows(report.summary), "markdown": summary_markdown(report.summary),
+            "outputs": report.outputs}
+
+
+@flow(name="evaluate", log_prints=True, persist_result=False)
+async def evaluate(config: EvalConfig) -> dict:
+    """Generate responses to the bench for each model, judge them, and publish the summary table."""
+    from facets.tasks.bench_judge import response_labels
+
+    started = time.monotonic()
+    logger = get_run_logger()
+    bench = load_bench(config.bench)
+    labels = [m.key for m in config.models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two models share a label: {labels}; give each a distinct label")
+    report = EvalReport(bench=bench.version)
+    if "generate" in config.steps:
+        if not config.models:
+            raise ValueError("nothing to generate: name at least one model")
+        served = [m.key for m in config.models if not m.local_model]
+        results = await asyncio.gather(*(generate_task(config, label) for label in served))
+        report.generated.update(zip(served, results))
+        for spec in config.models:  # local models one at a time: they share the accelerator
+            if spec.local_model:
+                report.generated[spec.key] = await generate_task(config, spec.key)
+        for label, g in report.generated.items():
+            logger.info("%s: %d of %d responses (%d reused, %d made, %d failed, %d cut at max_tokens)",
+                        label, g["reused"] + g["made"], g["items"], g["reused"], g["made"], g["failed"], g["truncated"])
+    if "judge" in config.steps:
+        labels = labels or response_labels(Store(config.data_dir), bench.version)
+        if not labels:
+            raise ValueError(f"no responses to judge for bench {bench.version} in {config.data_dir}")
+        judged = await judge_task(config, labels)
+        report.summary, report.markdown, report.outputs = judged.pop("summary"), judged.pop("markdown"), judged.pop("outputs")
+        report.judged = judged
+        from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+
+        await acreate_table_artifact(report.summary, key="evaluate-summary",
+                                     description=f"Multifaceted Bench {bench.version}: mean judge score (1-5) per benchmark")
+        await acreate_markdown_artifact(f"## Multifaceted Bench {bench.version}\n\n{report.markdown}",
+                                        key="evaluate-report", description="models by benchmark, with coverage")
+        logger.info("\n%s", report.markdown)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report.model_dump(mode="json")

@@ -1,0 +1,244 @@
+"""The Multifaceted Bench and its evaluation: configs of `build-bench` and `evaluate`, and their records.
+
+Bench items go through the build's own stages (trees, one preference set, system message, gold response
+as the reference answer); the one stage of the bench alone, rubrics, stores `BenchRubric` rows. An
+evaluation stores one `EvalResponse` per (model, bench item) and one `Judgment` per (model, item, run,
+rubric), each with the fingerprint of what produced it, so a rerun makes only what is missing.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from facets.schemas.config import (
+    LLM_STAGES,
+    BuildConfig,
+    Config,
+    EndpointConfig,
+    LLMStage,
+    RateLimits,
+    Retries,
+    Sampling,
+    StageSettings,
+    _default_stages,
+)
+from facets.schemas.records import Dimension, StageRecord
+from facets.schemas.release import ScoreDescriptions
+
+# The five benchmarks: source name (as `--source NAME=PATH` takes it) -> the column of the paper's Table 2.
+BENCHMARKS: dict[str, str] = {
+    "alpaca_eval": "mf-AlpacaEval",
+    "flask": "mf-FLASK",
+    "koala": "mf-Koala",
+    "mt_bench": "mf-MT-Bench",
+    "self_instruct": "mf-Self-Instruct",
+}
+# Paper: gpt-4-0125-preview wrote the references and rubrics and judged (absolute 1-5, Prometheus style).
+JUDGE_MODEL = "gpt-4-0125-preview"
+PromptFormat = Literal["mistral", "chat", "openai"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class GenerationSampling(Sampling):
+    """The paper's settings for a model under test and for the judge: 1024 tokens, temperature 1.0, top_p 0.9
+    (a config that names only some fields keeps these defaults for the others)."""
+
+    max_tokens: int = Field(1024, gt=0)
+
+
+def generation_sampling() -> GenerationSampling:
+    return GenerationSampling()
+
+
+# -- records -------------------------------------------------------------------------------------------
+class BenchRubric(StageRecord):
+    """One rubric per preference of a bench item's set; `set_index` is the preference's position in the
+    set (dimension order: style, background_knowledge, informativeness, harmlessness)."""
+
+    set_index: int = Field(ge=0, le=3)
+    dimension: Dimension
+    criteria: str = Field(min_length=1)
+    score_descriptions: ScoreDescriptions
+    model: str
+    prompt_version: str
+
+
+class EvalRecord(BaseModel):
+    """Model outputs are kept byte for byte: no whitespace stripping."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EvalResponse(EvalRecord):
+    """A model's response to one bench item."""
+
+    item_id: str = Field(min_length=1)          # instruction id of the bench prompt
+    model: str = Field(min_length=1)            # the label the summary shows
+    bench_version: str
+    benchmark: str                              # a key of BENCHMARKS
+    source: str                                 # the bench row's `source`
+    prompt_format: str
+    text: str
+    finish_reason: str                          # "stop", or "length" when cut at max_tokens
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    fingerprint: str = Field(min_length=1)
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+class Judgment(EvalRecord):
+    """One judge call: a response graded on one rubric in one run, with the judge's feedback."""
+
+    item_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    bench_version: str
+    benchmark: str
+    source: str
+    run: int = Field(ge=0)
+    rubric_index: int = Field(ge=0, le=3)
+    score: int = Field(ge=1, le=5)
+    feedback: str
+    judge_model: str
+    response_fingerprint: str
+    fingerprint: str = Field(min_length=1)
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+# -- configs -------------------------------------------------------------------------------------------
+def _rubric_settings() -> StageSettings:
+    # the paper's rubric generation: max_tokens 1024, temperature 1.0, top_p 0.9, JSON output
+    return StageSettings(sampling=Sampling(max_tokens=1024))
+
+
+class BenchConfig(Config):
+    """Everything a `build-bench` run needs; `facets bench build` flags mirror it."""
+
+    sources: list[str] = Field(default_factory=list, description="NAME=PATH, NAME one of " + ", ".join(BENCHMARKS))
+    per_benchmark: int | None = Field(None, ge=1, description="items drawn per benchmark (seeded); None = all")
+    seed: int = 0
+    data_dir: str = "data"
+    against: list[str] = Field(default_factory=list,
+                               description="more data dirs whose training prompts the bench must not contain")
+    shard_size: int = Field(256, gt=0)
+    max_concurrent_shards: int = Field(8, gt=0)
+    shard_retries: int = Field(2, ge=0)
+    stages: dict[LLMStage, StageSettings] = Field(default_factory=_default_stages)
+    rubrics: StageSettings = Field(default_factory=_rubric_settings)
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    mode: Literal["online", "batch"] = "online"
+    batch_poll_s: float = Field(30.0, gt=0)
+    templates_dir: str | None = None
+    publish: bool = True
+
+    @model_validator(mode="after")
+    def _every_stage(self) -> "BenchConfig":
+        defaults = _default_stages()
+        self.stages = {name: self.stages.get(name, defaults[name]) for name in LLM_STAGES}
+        return self
+
+    def build_config(self) -> BuildConfig:
+        """The build's config for the shared stages (sets per instruction is the bench's own: one)."""
+        return BuildConfig(seed=self.seed, data_dir=self.data_dir, shard_size=self.shard_size,
+                           max_concurrent_shards=self.max_concurrent_shards, shard_retries=self.shard_retries,
+                           stages=self.stages, endpoint=self.endpoint, mode=self.mode, batch_poll_s=self.batch_poll_s,
+                           templates_dir=self.templates_dir, publish=False)
+
+    def rubric_model(self) -> str:
+        return self.rubrics.model or self.endpoint.model
+
+
+class ModelSpec(Config):
+    """A model under test: an OpenAI-compatible endpoint (OpenAI, a vLLM server) or a local transformers path.
+
+    `prompt_format`: `openai` sends system and user messages; `chat` is the model's own chat template
+    (endpoint: the server applies it to system + user, or to one user turn with the system message
+    prepended when `system_role` is false; local: the tokenizer's template, falling back to the prepended
+    user turn when the template has no system role); `mistral` is the raw text
+    `[INST] {system}\\n{prompt} [/INST]` (endpoint: `/v1/completions`; local: tokenised as is).
+    """
+
+    name: str = Field(min_length=1, description="the model id the endpoint serves (a label for a local model)")
+    label: str | None = Field(None, description="the name in the summary (default: name)")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; None: OPENAI_BASE_URL or OpenAI")
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="environment variable holding the key")
+    local_model: str | None = Field(None, description="a local transformers model directory")
+    prompt_format: PromptFormat = "openai"
+    system_role: bool = True
+    limits: RateLimits = Field(default_factory=RateLimits)
+    retries: Retries = Field(default_factory=Retries)
+    batch_size: int = Field(8, gt=0, description="local generation: prompts per forward batch")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "ModelSpec":
+        if self.local_model and self.base_url:
+            raise ValueError("a model is either served (base_url) or local (local_model), not both")
+        if self.local_model and self.prompt_format == "openai":
+            raise ValueError("a local model takes prompt_format mistral or chat (openai is for endpoints)")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    def endpoint(self) -> EndpointConfig:
+        """The endpoint config of a served model. A key is read from `api_key`, then `api_key_env`; with an
+        explicit base_url and neither, none is sent (an OpenAI key never goes to another server)."""
+        import os
+
+        key = self.api_key
+        if key is None and self.api_key_env:
+            key = SecretStr(os.environ.get(self.api_key_env, ""))
+        if key is None and self.base_url:
+            key = SecretStr("EMPTY")
+        return EndpointConfig(base_url=self.base_url, api_key=key, model=self.name, limits=self.limits,
+                              retries=self.retries)
+
+
+class JudgeEndpoint(EndpointConfig):
+    """The judge's endpoint: the paper's judge model unless named."""
+
+    model: str = JUDGE_MODEL
+
+
+class JudgeConfig(Config):
+    endpoint: EndpointConfig = Field(default_factory=JudgeEndpoint)
+    sampling: Sampling = Field(default_factory=GenerationSampling)  # paper: 1024, 1.0, 0.9
+    runs: int = Field(3, ge=1, description="full judge runs averaged (paper: 3)")
+    reasks: int = Field(5, ge=0, description="an unparseable judge output is asked again this often")
+    mode: Literal["online", "batch"] = "online"
+    batch_poll_s: float = Field(30.0, gt=0)
+    templates_dir: str | None = None
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _judge_model_default(cls, value):
+        return JudgeEndpoint.model_validate(value) if isinstance(value, dict) else value
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling_defaults(cls, value):
+        return GenerationSampling.model_validate(value) if isinstance(value, dict) else value
+
+
+class EvalConfig(Config):
+    """Everything an `evaluate` run needs; `facets eval` flags mirror it."""
+
+    bench: str = Field("data", description="a bench folder, a release folder, or a data dir (its newest bench)")
+    data_dir: str = "data"
+    models: list[ModelSpec] = Field(default_factory=list)
+    steps: list[Literal["generate", "judge"]] = Field(default_factory=lambda: ["generate", "judge"])
+    generation: Sampling = Field(default_factory=GenerationSampling)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    limit: int | None = Field(None, ge=1, description="only the first N bench items (a smoke run)")
+    seed: int = 0
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _generation_defaults(cls, value):
+        return GenerationSampling.model_validate(value) if isinstance(value, dict) else value
