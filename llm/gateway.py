@@ -268,10 +268,13 @@ class Gateway:
             return Completion(call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, latency, False)
         return self.fail(stage, key, reason, content, detail)
 
-    @staticmethod
-    def judge(call: "Call", reply) -> Any:
-        """The accepted value of a reply, or `Rejected`: a reply cut by max_tokens is never a row."""
-        if reply.finish_reasons[0] == "length":
+    # A reply cut by max_tokens is never a row of ours; a model under evaluation may set this False.
+    length_is_failure = True
+
+    @classmethod
+    def judge(cls, call: "Call", reply) -> Any:
+        """The accepted value of a reply, or `Rejected` (with `length_is_failure`, a reply cut by max_tokens)."""
+        if cls.length_is_failure and reply.finish_reasons[0] == "length":
             raise Rejected("length", f"reply cut at max_tokens={call.max_tokens}")
         try:
             return call.accept(reply.contents[0])

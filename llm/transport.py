@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import aiohttp
 import orjson
@@ -92,8 +92,13 @@ class LeanTransport:
         return self._session
 
     async def chat(self, body: dict) -> Reply:
+        payload, headers = await self.post_json(self.url, body)
+        return parse_reply(payload, headers)
+
+    async def post_json(self, url: str, body: dict) -> tuple[dict, Any]:
+        """POST `body`, return the JSON reply and its headers; HTTP and network errors as `CallError`."""
         try:
-            async with self._client().post(self.url, data=orjson.dumps(body), headers=self.headers, timeout=self.timeout) as response:
+            async with self._client().post(url, data=orjson.dumps(body), headers=self.headers, timeout=self.timeout) as response:
                 raw = await response.read()
                 headers = response.headers
                 if response.status != 200:
@@ -106,7 +111,7 @@ class LeanTransport:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise CallError("malformed_reply", "reply is not JSON", raw=raw[:2000].decode("utf-8", "replace")) from None
-        return parse_reply(payload, headers)
+        return payload, headers
 
     async def close(self) -> None:
         if self._session is not None:

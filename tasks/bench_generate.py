@@ -20,12 +20,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import orjson
-
 from facets.llm.errors import CallError
-from facets.llm.gateway import Gateway, Rejected
+from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal, JournalEntry, request_key
-from facets.llm.transport import LeanTransport, Reply, status_error
+from facets.llm.transport import LeanTransport, Reply
 from facets.schemas import fingerprint, to_table
 from facets.schemas.config import Sampling
 from facets.schemas.evaluation import EvalConfig, EvalResponse, ModelSpec
@@ -85,14 +83,7 @@ def render_local(tokenizer: Any, spec: ModelSpec, system: str, prompt: str) -> t
 class ModelGateway(Gateway):
     """The gateway for a model under test: a reply cut by max_tokens is the model's answer, not a failure."""
 
-    @staticmethod
-    def judge(call, reply) -> Any:
-        try:
-            return call.accept(reply.contents[0])
-        except Rejected:
-            raise
-        except ValueError as exc:
-            raise Rejected("rejected", str(exc)) from None
+    length_is_failure = False
 
 
 class CompletionsTransport(LeanTransport):
@@ -104,27 +95,9 @@ class CompletionsTransport(LeanTransport):
         self.url = f"{self.base_url}/completions"
 
     async def chat(self, body: dict) -> Reply:
-        import aiohttp
-
         request = {k: v for k, v in body.items() if k not in ("messages", "response_format")}
         request["prompt"] = "".join(m.get("content") or "" for m in body["messages"])
-        try:
-            async with self._client().post(self.url, data=orjson.dumps(request), headers=self.headers,
-                                           timeout=self.timeout) as response:
-                raw = await response.read()
-                headers = response.headers
-                if response.status != 200:
-                    from facets.llm.transport import _error_message
-
-                    raise status_error(response.status, _error_message(raw), headers, self.base_url)
-        except asyncio.TimeoutError:
-            raise CallError("timeout", f"no reply within {self.timeout.total:g}s") from None
-        except aiohttp.ClientError as exc:
-            raise CallError("connection", f"{type(exc).__name__}: {exc}") from None
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise CallError("malformed_reply", "reply is not JSON", raw=raw[:2000].decode("utf-8", "replace")) from None
+        payload, headers = await self.post_json(self.url, request)
         choices = payload.get("choices") or []
         if not choices:
             raise CallError("malformed_reply", "no choices in the reply", raw=str(payload)[:2000])
