@@ -142,7 +142,9 @@ class Gateway:
         self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s, endpoint.limits.max_in_flight)
         # gateways of one run share the bound, so max_in_flight holds per endpoint, not per gateway
         self._in_flight = in_flight or asyncio.Semaphore(endpoint.limits.max_in_flight)
-        self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)
+        self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)  # endpoint errors, recent calls
+        self._rejected: Counter[str] = Counter()  # replies that failed their checks, all calls
+        self._outcomes = 0
         self._mean_output: dict[str, float] = {}
         self.aborted: RunAborted | None = None  # the first fatal condition; every later call stops on it
         self.check_price(endpoint.model)
@@ -256,7 +258,8 @@ class Gateway:
             try:
                 reply, latency = await self._send(body, call.model, call.max_tokens, call.extra_chars)
             except CallError as exc:
-                return self.fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE)
+                return self.fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE,
+                                 endpoint_error=True)
             try:
                 value = self.judge(call, reply)
             except Rejected as exc:
@@ -406,7 +409,8 @@ class Gateway:
         self._mean_output[model] = completion_tokens if mean is None else mean + 0.05 * (completion_tokens - mean)
 
     # -- failures and the early stop -------------------------------------------------------------
-    def fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False) -> None:
+    def fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False,
+             endpoint_error: bool = False) -> None:
         self.failures.append(Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000]))
         self.usage.failures[reason] += 1
         if unreachable and self.usage.ok == 0:
@@ -414,20 +418,36 @@ class Gateway:
                 f"{self.url} could not be reached after {self.endpoint.retries.max_attempts} attempts ({detail}); "
                 f"check OPENAI_BASE_URL, {SIMULATOR_HINT}"
             )
-        self._record_outcome(None if reason == "rate_limited" else reason)
+        if reason != "rate_limited":
+            self._record_outcome(reason, endpoint_error)
         return None
 
-    def _record_outcome(self, failure_reason: str | None) -> None:
-        self._recent.append(failure_reason)
-        if failure_reason is None or len(self._recent) < self._recent.maxlen:
+    def _record_outcome(self, failure_reason: str | None, endpoint_error: bool = False) -> None:
+        """Two early stops. The endpoint failing (5xx, timeouts, dropped connections) is judged on the
+        last `failure_window` calls, to stop soon after it breaks. Replies that fail their checks are judged
+        over all calls so far: they fail after their repairs, at the back of the queue, so a recent window
+        would see only them at the end of every stage."""
+        self._recent.append(failure_reason if endpoint_error else None)
+        if failure_reason is not None and not endpoint_error:
+            self._rejected[failure_reason] += 1
+        self._outcomes += 1
+        if failure_reason is None:
             return  # only a failure trips the stop: a good reply still in flight when it trips reaches its caller
-        failed = [r for r in self._recent if r is not None]
-        if len(failed) > self.endpoint.max_failure_rate * len(self._recent):
-            top = ", ".join(f"{r} x{n}" for r, n in Counter(failed).most_common(3))
-            raise TooManyFailures(
-                f"stopped early: {len(failed)} of the last {len(self._recent)} calls failed ({top}); "
-                "failures are kept with their raw outputs, and a rerun retries only those"
-            )
+        window, rate = self._recent.maxlen, self.endpoint.max_failure_rate
+        if endpoint_error and len(self._recent) == window:
+            failed = Counter(r for r in self._recent if r is not None)
+            if sum(failed.values()) > rate * window:
+                self._stop(f"{sum(failed.values())} of the last {window} calls failed", failed)
+        rejected = sum(self._rejected.values())
+        if not endpoint_error and self._outcomes >= window and rejected > rate * self._outcomes:
+            self._stop(f"{rejected} of the {self._outcomes} calls so far failed", self._rejected)
+
+    @staticmethod
+    def _stop(what: str, reasons: Counter) -> None:
+        top = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3))
+        raise TooManyFailures(
+            f"stopped early: {what} ({top}); failures are kept with their raw outputs, and a rerun retries only those"
+        )
 
     def drain_failures(self) -> list[Failure]:
         failures, self.failures = self.failures, []

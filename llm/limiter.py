@@ -52,15 +52,18 @@ class Bucket:
         self.level = self.capacity
         self.stamp = now
 
-    def refill(self, now: float, factor: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate * factor)
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
     def reserve(self, amount: float, now: float, factor: float) -> float:
-        """Debit `amount`; return seconds until the balance is non-negative again."""
-        self.refill(now, factor)
-        self.level -= amount
-        return 0.0 if self.level >= 0 else -self.level / (self.rate * factor)
+        """Debit `amount` / `factor`; return seconds until the balance is non-negative again.
+
+        A cut rate makes each new reservation cost more instead of slowing the refill: calls already
+        queued keep their place, so a 429 does not stretch the whole queue and idle the endpoint."""
+        self.refill(now)
+        self.level -= amount / factor
+        return 0.0 if self.level >= 0 else -self.level / self.rate
 
 
 @dataclass(slots=True)
@@ -97,20 +100,22 @@ class Limiter:
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())
 
-    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
+    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, success: bool = True) -> None:
         """Correct the token buckets by the difference between reserved and reported usage."""
         with self._lock:
             now = self.clock()
             for bucket, delta in self._charges(
                 0.0, input_tokens - reservation.input_tokens, output_tokens - reservation.output_tokens
             ):
-                bucket.refill(now, self.factor)
+                bucket.refill(now)
                 bucket.level = min(bucket.capacity, bucket.level - delta)
-            self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
+            if success:
+                self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
 
     def release(self, reservation: Reservation) -> None:
-        """A request that never reached the server (or was refused with 429) gives its tokens back."""
-        self.settle(reservation, 0, 0)
+        """A request that never reached the server (or was refused with 429) gives its tokens back;
+        it is not a success, so it does not raise a rate that a 429 has just cut."""
+        self.settle(reservation, 0, 0, success=False)
 
     def _charges(self, requests: float, input_tokens: float, output_tokens: float):
         if self.requests is not None and requests:
@@ -134,7 +139,7 @@ class Limiter:
                     remaining = float(remaining)
                 except ValueError:
                     continue
-                bucket.refill(now, self.factor)
+                bucket.refill(now)
                 if remaining < bucket.level:
                     bucket.level = remaining
 

@@ -349,7 +349,7 @@ def test_most_calls_failing_stops_the_run_early(transport):
             run(config, lambda g: parse_all(g, 100, concurrent=False, repair_attempts=0))
         assert sim.stats()["requests"] == window
         message = str(caught.value)
-        assert f"{window} of the last {window} calls failed" in message and "invalid_json" in message
+        assert f"{window} of the {window} calls so far failed" in message and "invalid_json" in message
 
         # Concurrently: the calls in flight finish, the rest stop without a request.
         sim.reset_stats()
@@ -357,6 +357,17 @@ def test_most_calls_failing_stops_the_run_early(transport):
         results, gateway = run(config, lambda g: parse_all(g, 100, repair_attempts=0))
         assert all(isinstance(r, TooManyFailures) for r in results[window + 4:])
         assert sim.stats()["requests"] <= window + 4 and len(gateway.failures) <= window + 4
+
+
+def test_a_broken_endpoint_stops_the_run_on_the_recent_window(transport):
+    window = 10
+    with run_simulator(faults={"http_500": 1.0}) as sim:
+        retries = RETRIES.model_copy(update={"max_attempts": 2})
+        config = endpoint(sim, transport, failure_window=window, retries=retries)
+        with pytest.raises(TooManyFailures) as caught:
+            run(config, lambda g: parse_all(g, 100, concurrent=False))
+        assert sim.stats()["requests"] == 2 * window
+    assert f"{window} of the last {window} calls failed" in str(caught.value) and "http_500" in str(caught.value)
 
 
 def test_good_replies_in_flight_when_the_run_stops_are_journaled_and_returned(transport, tmp_path):
