@@ -43,15 +43,15 @@ STAGE_RUNNERS = {
 PROGRESS_LISTENERS: list[Callable[[Progress], None]] = []
 
 
-def _retry_unless_aborted(task_, task_run, state) -> bool:
+def retry_unless_aborted(task_, task_run, state) -> bool:
+    """Prefect retries a crashed (stage, shard), never a run-wide stop (bad key, spend cap, most calls failing)."""
     return not isinstance(state.data, RunAborted)
 
 
 @task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.name}", retry_delay_seconds=2)
 async def run_stage(stage: str, ctx: BuildContext, shard: Shard) -> dict[str, int]:
     await STAGE_RUNNERS[stage](ctx, shard)
-    count = shard.counts[stage]
-    return {"reused": count.reused, "made": count.made, "failed": count.failed}
+    return shard.counts[stage].as_dict()
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -90,7 +90,7 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8)."""
     config, done = ctx.config, []
     limit = asyncio.Semaphore(config.max_concurrent_shards)
-    stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=_retry_unless_aborted)
+    stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
 
     async def one(shard: Shard) -> Shard:
         async with limit:

@@ -19,10 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from facets.flows.build import load_templates
+from facets.flows.build import load_templates, retry_unless_aborted
 from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
-from facets.llm.errors import RunAborted
 from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
@@ -50,15 +49,10 @@ MISSING = (("preference_trees", "preference tree missing"), ("preference_sets", 
            ("system_messages", "system message missing"), ("responses", "reference answer missing"))
 
 
-def _retry_unless_aborted(task_, task_run, state) -> bool:
-    return not isinstance(state.data, RunAborted)
-
-
 @task(name="bench-stage", cache_policy=NO_CACHE, task_run_name="bench-{stage}-{shard.name}", retry_delay_seconds=2)
 async def bench_stage(stage: str, ctx: BenchContext, shard: Shard) -> dict[str, int]:
     await BENCH_RUNNERS[stage](ctx, shard)
-    count = shard.counts[stage]
-    return {"reused": count.reused, "made": count.made, "failed": count.failed}
+    return shard.counts[stage].as_dict()
 
 
 async def open_bench_context(config: BenchConfig, store: Store) -> BenchContext:
@@ -149,7 +143,7 @@ async def build_bench(config: BenchConfig) -> dict:
     by_id = {p.id: p for p in kept}
     ctx = await open_bench_context(config, store)
     limit = asyncio.Semaphore(config.max_concurrent_shards)
-    stage_task = bench_stage.with_options(retries=config.shard_retries, retry_condition_fn=_retry_unless_aborted)
+    stage_task = bench_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
     instructions = [p.instruction for p in kept]
     width = buckets_per_shard(len(instructions), config.shard_size)
     shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, 1)

@@ -75,7 +75,7 @@ class BuildReport(BaseModel):
         stages = {stage: Counter() for stage in STAGES}
         for shard in shards:
             for stage, count in shard.counts.items():
-                stages[stage].update({"reused": count.reused, "made": count.made, "failed": count.failed})
+                stages[stage].update(count.as_dict())
         failures = sum((s.failures for s in shards), Counter())
         return cls(
             wanted=wanted, accepted=sum(len(s.accepted()) for s in shards),

@@ -405,6 +405,15 @@ def _content(rng: random.Random, mode: str, schema: dict | None, phrases: list[s
     return orjson.dumps(instance).decode()
 
 
+def _prompt_as_chat(body: object) -> dict | tuple:
+    """A `/v1/completions` body as the chat request it is answered as; an error tuple if it has no prompt."""
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        return (400, "'prompt' must be a string.", "invalid_request_error", None, "prompt")
+    chat_body = {k: v for k, v in body.items() if k != "prompt"}
+    chat_body["messages"] = [{"role": "user", "content": body["prompt"]}]
+    return chat_body
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -560,24 +569,10 @@ class Simulator:
     # -- chat --
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.stats.sync["requests"] += 1
-        fault, delay = self.draw_fault(), self.draw_delay()
-        if denied := self.unauthorized(request):
-            return denied
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return self.error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-        if problem := invalid_request(body, self.config.models):
-            return self.error(*problem)
-        prompt = prompt_tokens(body["messages"])
-        if refused := self.limiter.admit(prompt):
-            return self.rate_limited(*refused, body["model"])
-        self.stats.admit()
-        if delay:
-            await asyncio.sleep(delay)
-        if fault in TRANSPORT_FAULTS:
-            return await self.transport_fault(request, fault)
+        admitted = await self.admit_chat(request, lambda body: body)
+        if isinstance(admitted, web.StreamResponse):
+            return admitted
+        body, chat_body, fault, prompt = admitted
         digest = body_digest(body)
         request_id = self.reply_id("req_")
         payload, tokens = completion(body, digest, fault, prompt, self.config, self.reply_id("chatcmpl-"))
@@ -587,6 +582,23 @@ class Simulator:
 
     async def text_completion(self, request: web.Request) -> web.StreamResponse:
         """`/v1/completions` (raw-prompt servers such as vLLM): the prompt is answered as one user turn."""
+        admitted = await self.admit_chat(request, _prompt_as_chat)
+        if isinstance(admitted, web.StreamResponse):
+            return admitted
+        body, chat_body, fault, prompt = admitted
+        digest = body_digest(body)
+        payload, tokens = completion(chat_body, digest, fault, prompt, self.config, self.reply_id("cmpl-"))
+        payload["object"] = "text_completion"
+        payload["choices"] = [{"index": c["index"], "text": c["message"]["content"], "finish_reason": c["finish_reason"],
+                               "logprobs": None} for c in payload["choices"]]
+        self.limiter.charge_output(tokens)
+        self.stats.paid(digest, prompt, tokens, fault, batch=False)
+        return json_response(payload, headers={**self.limiter.headers(), "x-request-id": self.reply_id("req_")})
+
+    async def admit_chat(self, request: web.Request, as_chat) -> web.StreamResponse | tuple[dict, dict, str | None, int]:
+        """What every online request goes through before it is answered: auth, a valid body, the rate
+        limits, the latency and the transport faults. Returns the response that ends it early, or
+        (body, the body as a chat request, the content fault, prompt tokens)."""
         self.stats.sync["requests"] += 1
         fault, delay = self.draw_fault(), self.draw_delay()
         if denied := self.unauthorized(request):
@@ -595,10 +607,9 @@ class Simulator:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return self.error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-            return self.error(400, "'prompt' must be a string.", "invalid_request_error", None, "prompt")
-        chat_body = {k: v for k, v in body.items() if k != "prompt"}
-        chat_body["messages"] = [{"role": "user", "content": body["prompt"]}]
+        chat_body = as_chat(body)
+        if isinstance(chat_body, tuple):
+            return self.error(*chat_body)
         if problem := invalid_request(chat_body, self.config.models):
             return self.error(*problem)
         prompt = prompt_tokens(chat_body["messages"])
@@ -609,14 +620,7 @@ class Simulator:
             await asyncio.sleep(delay)
         if fault in TRANSPORT_FAULTS:
             return await self.transport_fault(request, fault)
-        digest = body_digest(body)
-        payload, tokens = completion(chat_body, digest, fault, prompt, self.config, self.reply_id("cmpl-"))
-        payload["object"] = "text_completion"
-        payload["choices"] = [{"index": c["index"], "text": c["message"]["content"], "finish_reason": c["finish_reason"],
-                               "logprobs": None} for c in payload["choices"]]
-        self.limiter.charge_output(tokens)
-        self.stats.paid(digest, prompt, tokens, fault, batch=False)
-        return json_response(payload, headers={**self.limiter.headers(), "x-request-id": self.reply_id("req_")})
+        return body, chat_body, fault, prompt
 
     def rate_limited(self, wait_s: float, bucket: str, model: str) -> web.Response:
         self.stats.sync["rate_limited"] += 1

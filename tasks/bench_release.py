@@ -26,6 +26,7 @@ from facets.schemas import BenchRow, Rubric, arrow_schema, instruction_id, norma
 from facets.schemas.evaluation import BENCHMARKS
 from facets.storage import Store
 from facets.tasks.bench_sources import BenchPrompt, benchmark_of
+from facets.tasks.release import file_sha256
 
 BENCH = "bench"
 LATEST_BENCH = "LATEST_BENCH"
@@ -76,14 +77,6 @@ class BenchRelease:
     is_new: bool
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _card(version: str, counts: dict[str, int], manifest: dict) -> str:
     lines = [
         "---", "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {BENCH_FILE}", "---",
@@ -113,7 +106,7 @@ def publish_bench(store: Store, rows: list[BenchRow], extra: dict | None = None)
     os.makedirs(f"{staging}/{BENCH}")
     try:
         pq.write_table(to_table(rows, BenchRow), f"{staging}/{BENCH_FILE}", compression="zstd")
-        content = _sha256(f"{staging}/{BENCH_FILE}")
+        content = file_sha256(f"{staging}/{BENCH_FILE}")
         version = f"bench-{content[:12]}"
         target = store.path("releases", version)
         counts = {name: 0 for name in BENCHMARKS}
@@ -196,7 +189,7 @@ def resolve_bench(path: str) -> tuple[str, str]:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         if name.endswith(".parquet"):
-            digest.update(_sha256(os.path.join(path, name)).encode())
+            digest.update(file_sha256(os.path.join(path, name)).encode())
     return path, f"bench-{digest.hexdigest()[:12]}"
 
 

@@ -290,7 +290,7 @@ def _write_parquet(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema
     return rows
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -299,7 +299,7 @@ def _sha256(path: str) -> str:
 
 
 def _file_entry(path: str, rows: int | None = None) -> dict:
-    entry = {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+    entry = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
     if rows is not None:
         entry["rows"] = rows
     return entry

@@ -28,6 +28,9 @@ class StageCount:
     made: int = 0
     failed: int = 0
 
+    def as_dict(self) -> dict[str, int]:
+        return {"reused": self.reused, "made": self.made, "failed": self.failed}
+
 
 class Shard:
     """Plain class on purpose: Prefect does not walk it when it is passed to a task."""
