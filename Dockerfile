@@ -20,6 +20,7 @@ COPY storage/ storage/
 COPY llm/ llm/
 COPY tasks/ tasks/
 COPY flows/ flows/
+COPY training/ training/
 
 # EXTRAS: e.g. "[training]" for the GPU worker. EXTRA_PACKAGES: e.g. "s3fs" for an s3:// data dir.
 ARG EXTRAS=""

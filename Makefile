@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 PYTEST_ARGS ?=
+# The training extra takes any torch 2.x; CPU machines install this build first (a GPU machine keeps its own).
+TORCH ?= torch==2.13.0
 
 .PHONY: run test test-all venv clean
 
@@ -15,7 +17,8 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "facets needs Python >= 3.11, found " + sys.version.split()[0]'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev,training]"
 	@touch $(STAMP)
 
 run: $(STAMP)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from facets.schemas import arrow_schema
 from facets.storage.stages import TABLE_MODELS
-from facets.storage.store import Store
+from facets.storage.store import Store, is_parquet_file
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -35,14 +35,11 @@ class Catalog:
     def close(self) -> None:
         self.con.close()
 
-    def _location(self, path: str) -> str:
-        return path if self.store.is_local else f"{self.store.fs.unstrip_protocol(path)}"
-
     def _view(self, name: str, files: list[str], schema: pa.Schema | None) -> None:
         if not _IDENT.match(name):
             raise ValueError(f"not a usable view name: {name!r}")
         if files:
-            listing = ", ".join("'" + self._location(f).replace("'", "''") + "'" for f in files)
+            listing = ", ".join("'" + self.store.uri_of(f).replace("'", "''") + "'" for f in files)
             self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet([{listing}], union_by_name=true)")
         elif schema is not None:
             self.con.register(f"_empty_{name}", schema.empty_table())
@@ -57,29 +54,27 @@ class Catalog:
             self._view(f"release_{_ident(version)}_{_ident(name)}", files, None)
 
     def release_tables(self) -> list[tuple[str, str, list[str]]]:
-        """(version, name, files) of every release table, the newest version last."""
+        """(version, name, files) of every release table, the newest version last.
+
+        One recursive listing of `releases/` (a few LIST requests on an object store, whatever the
+        number of versions), grouped by releases/<version>/<name>/[<split>/]<file>.parquet."""
         releases = self.store.path("releases")
-        if not self.store.fs.exists(releases):
+        try:
+            paths = self.store.fs.find(releases)
+        except FileNotFoundError:
             return []
-        found = []
-        for version_dir in sorted(self.store.fs.ls(releases, detail=False)):
-            version = version_dir.rstrip("/").rsplit("/", 1)[-1]
-            if not self.store.fs.isdir(version_dir):
-                continue
-            for table_dir in sorted(self.store.fs.ls(version_dir, detail=False)):
-                files = self.store.parquet_files(table_dir)
-                files += [f for sub in self._subdirs(table_dir) for f in self.store.parquet_files(sub)]
-                if files:
-                    found.append((version, table_dir.rstrip("/").rsplit("/", 1)[-1], sorted(files)))
+        tables: dict[tuple[str, str], list[str]] = {}
+        for path in paths:
+            parts = path[len(releases):].strip("/").split("/")
+            if len(parts) in (3, 4) and is_parquet_file(path) and not any(p.startswith(".") for p in parts):
+                tables.setdefault((parts[0], parts[1]), []).append(path)
         latest = self._latest()
+        found = [(version, name, sorted(files)) for (version, name), files in tables.items()]
         return sorted(found, key=lambda t: (t[0] == latest, t[0]))
 
-    def _subdirs(self, directory: str) -> list[str]:
-        return [p for p in self.store.fs.ls(directory, detail=False) if self.store.fs.isdir(p)]
-
     def _latest(self) -> str | None:
-        path = self.store.path("releases", "LATEST")
-        return self.store.fs.cat_file(path).decode().strip() if self.store.fs.exists(path) else None
+        text = self.store.read_text("releases", "LATEST")
+        return text.strip() if text else None
 
     def sql(self, query: str, params: Sequence[object] | None = None) -> duckdb.DuckDBPyRelation:
         return self.con.sql(query, params=params)

@@ -25,6 +25,17 @@ from facets.schemas import arrow_schema, to_table
 from facets.storage.stages import FAILURES, model_of
 
 PARQUET_OPTIONS = {"compression": "zstd"}
+# Object stores: no cached listings. Other workers add files at any time, and a cached listing (s3fs
+# keeps one per folder) would hide them: a stage would be computed twice, a release seen as missing.
+REMOTE_OPTIONS = {"use_listings_cache": False}
+
+
+def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) of a local path or fsspec URI. Endpoints and credentials come the standard
+    way: `AWS_ENDPOINT_URL` and the AWS variables for s3://, or fsspec's config (`FSSPEC_S3_ENDPOINT_URL`)."""
+    if fsspec.utils.get_protocol(uri) in ("file", "local"):
+        return fsspec.core.url_to_fs(uri)
+    return fsspec.core.url_to_fs(uri, **REMOTE_OPTIONS)
 
 
 def new_writer_id() -> str:
@@ -36,7 +47,7 @@ def new_writer_id() -> str:
 class Store:
     def __init__(self, root: str | os.PathLike[str], writer_id: str | None = None):
         self.uri = str(root)
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = open_fs(self.uri)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.writer_id = writer_id or new_writer_id()
         self._sequence = itertools.count()
@@ -86,9 +97,22 @@ class Store:
         return self.parquet_files(self.table_dir(table))
 
     def parquet_files(self, directory: str) -> list[str]:
-        if not self.fs.exists(directory):
+        try:  # one listing (one LIST request on an object store, which has no folders to test for)
+            paths = self.fs.ls(directory, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(p for p in self.fs.glob(f"{directory}/*.parquet") if not p.rsplit("/", 1)[-1].startswith("."))
+        return sorted(p for p in paths if is_parquet_file(p))
+
+    def uri_of(self, path: str) -> str:
+        """A path of this store as others open it: local as is, remote with its protocol (s3://...)."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def read_text(self, *parts: str) -> str | None:
+        """A small file's text (LATEST, a manifest), None when it is not there."""
+        try:
+            return self.fs.cat_file(self.path(*parts)).decode()
+        except FileNotFoundError:
+            return None
 
     def read(self, table: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """A whole stage as one Arrow table (empty, with the stage's schema, when nothing is written)."""
@@ -114,3 +138,27 @@ class Store:
         from facets.storage.catalog import Catalog
 
         return Catalog(self)
+
+
+def is_parquet_file(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(".")
+
+
+def dataset_arguments(directory: str) -> dict:
+    """Keyword arguments of `datasets.load_dataset("parquet", **them)` for one release subset folder.
+
+    A local folder is a `data_dir`. `datasets` takes no remote `data_dir`, so an s3:// folder is given
+    as split patterns (`train-*.parquet`, `test-*.parquet`), read through fsspec with the same endpoint
+    settings as ours."""
+    if fsspec.utils.get_protocol(directory) in ("file", "local"):
+        return {"data_dir": directory}
+    fs, path = open_fs(directory)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if is_parquet_file(p)]
+    splits = sorted({name.split("-", 1)[0] for name in names})
+    return {"data_files": {split: f"{directory.rstrip('/')}/{split}-*.parquet" for split in splits}}
+
+
+def dataset_call(directory: str) -> str:
+    """The arguments of `dataset_arguments` as Python source, for the hints the CLI prints."""
+    return ", ".join(f"{name}={value!r}" for name, value in dataset_arguments(directory).items())

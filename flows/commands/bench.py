@@ -140,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  in training ({item['benchmark']}): {item['prompt'][:100]!r}")
     release = report.get("release")
     if release:
+        from facets.storage.store import dataset_call
+
         state = "new" if release["is_new"] else "unchanged"
         print(f"bench {release['version']} ({state}) at {release['path']}/bench")
-        print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', data_dir='{release['path']}/bench'))\"")
+        print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', {dataset_call(release['path'] + '/bench')}))\"")
         print(f"  next:  facets eval generate --bench {release['path']} --model NAME ...")
     return 0 if built else 1

@@ -156,9 +156,11 @@ def _print_outcome(report: dict, config: BuildConfig) -> None:
           f"{sum(report['failures'].values())} (in {config.data_dir}/failures)")
     release = report.get("release")
     if release:
+        from facets.storage.store import dataset_call
+
         state = "new release" if release["is_new"] else "no change since the last release"
         print(f"release {release['version']} ({state}) at {release['path']}")
         print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', "
-              f"data_dir='{release['path']}/sft'))\"")
+              f"{dataset_call(release['path'] + '/sft')}))\"")
         print(f"  card:  {release['path']}/README.md   sunburst: {release['path']}/sunburst.html")
         print(f"  query: facets inspect --data-dir {config.data_dir} \"select * from release_sft limit 5\"")

@@ -25,11 +25,6 @@ def run(args: argparse.Namespace) -> int:
         failures = catalog.sql("select stage, reason, count(*) from failures group by 1, 2 order by 3 desc").fetchall()
         for stage, reason, count in failures:
             print(f"failed  {stage}:{reason} x{count}")
-        latest = _latest(Store(args.data_dir))
-        print(f"latest release: {latest or 'none'}")
+        latest = catalog.store.read_text("releases", "LATEST")
+        print(f"latest release: {latest.strip() if latest else 'none'}")
     return 0
-
-
-def _latest(store) -> str | None:
-    path = store.path("releases", "LATEST")
-    return store.fs.cat_file(path).decode().strip() if store.fs.exists(path) else None

@@ -1,0 +1,112 @@
+"""Configuration of a training run: the paper's recipe per method (DESIGN.md) unless a field overrides it."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["sft", "dpo", "orpo"]
+BASE_MODEL = "mistral-community/Mistral-7B-v0.2"
+
+
+class Recipe(BaseModel):
+    """The published Janus settings of one method (axolotl configs of the paper, shared/notes/paper.md)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    subset: str
+    epochs: float
+    learning_rate: float
+    max_length: int
+    global_batch_size: int
+    packing: bool
+    beta: float | None = None
+
+
+RECIPES: dict[str, Recipe] = {
+    # SFT: 4 epochs at 5e-6, packed 8192-token rows, 32 packed rows per step (2 per GPU x 4 GPUs x 4 accumulated)
+    "sft": Recipe(subset="sft", epochs=4, learning_rate=5e-6, max_length=8192, global_batch_size=32, packing=True),
+    # DPO: from the SFT model trained on `small`; 16 pairs per step, beta is TRL's default as the paper left it
+    "dpo": Recipe(subset="dpo", epochs=2, learning_rate=5e-7, max_length=2048, global_batch_size=16, packing=False,
+                  beta=0.1),
+    # ORPO: from the base model; the paper's orpo_alpha is TRL's `beta`
+    "orpo": Recipe(subset="orpo", epochs=2, learning_rate=5e-6, max_length=4096, global_batch_size=16, packing=False,
+                   beta=0.1),
+}
+SUBSETS_OF: dict[str, tuple[str, ...]] = {"sft": ("sft", "small"), "dpo": ("dpo",), "orpo": ("orpo", "dpo")}
+
+
+class TrainConfig(BaseModel):
+    """One training run. Unset fields take the method's recipe; `resolved()` fills them in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method
+    release: str = Field(description="a release folder (releases/<version>), or a folder whose LATEST names one")
+    output_dir: str
+    base_model: str = Field(BASE_MODEL, description="a hub id or a local model folder; for DPO, the SFT checkpoint")
+    subset: str | None = Field(None, description="release subset; default sft, dpo or orpo after the method")
+    prompt_format: Literal["mistral", "chat"] = Field(
+        "mistral", description="mistral: [INST] {system}\\n{prompt} [/INST]; chat: the tokenizer's chat template")
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run the epochs)")
+    learning_rate: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    beta: float | None = Field(None, gt=0, description="DPO beta / ORPO alpha")
+    max_length: int | None = Field(None, gt=0, description="tokens per row (SFT: per packed row)")
+    packing: bool | None = Field(None, description="SFT only: pack rows into max_length, each attending only to itself")
+    batch_size: int = Field(1, gt=0, description="rows per device per forward pass")
+    global_batch_size: int | None = Field(None, gt=0, description="rows per optimiser step, all devices together")
+    precision: Literal["fp32-master", "bf16-stochastic", "fp32"] = Field(
+        "fp32-master",
+        description="fp32-master: fp32 weights and optimiser, bf16 compute; bf16-stochastic: bf16 weights and an "
+                    "8-bit AdamW with stochastic rounding (torchao; fits larger models); fp32: no bf16 at all")
+    attn_implementation: str | None = Field(
+        None, description="default: facets_varlen for SFT (each packed sample attends only to itself, through a "
+                          "varlen flash kernel on a GPU), sdpa for DPO and ORPO; or sdpa, flex_attention, eager")
+    liger: bool | None = Field(None, description="Liger's fused kernels (RMSNorm, RoPE, SwiGLU, linear+loss); "
+                                                 "default: on when liger-kernel is installed and a GPU is used")
+    gradient_checkpointing: bool | None = Field(None, description="default: on for a GPU, off on the CPU")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU; the CPU only when asked")
+    seed: int = 0
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0, description="a checkpoint every N steps; a rerun resumes from the last one")
+    save_total_limit: int = Field(2, gt=0)
+    resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
+    num_processes: int | None = Field(None, gt=0, description="GPUs to use; more than 1 runs `accelerate launch`")
+
+    @model_validator(mode="after")
+    def _subset_fits_method(self) -> "TrainConfig":
+        if self.subset is not None and self.subset not in SUBSETS_OF[self.method]:
+            raise ValueError(f"{self.method} trains on {' or '.join(SUBSETS_OF[self.method])}, not {self.subset!r}")
+        if self.liger and self.method == "dpo":
+            raise ValueError("liger cannot be used with DPO here: its reference log-probs are precomputed")
+        if self.packing and self.method != "sft":
+            raise ValueError(f"packing is for SFT; {self.method} pairs are never packed")
+        return self
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.method]
+
+    def resolved(self) -> "TrainConfig":
+        """The same config with every recipe default written out (what the run records)."""
+        recipe = self.recipe
+        filled = {
+            "subset": self.subset or recipe.subset,
+            "epochs": self.epochs or recipe.epochs,
+            "learning_rate": self.learning_rate or recipe.learning_rate,
+            "max_length": self.max_length or recipe.max_length,
+            "packing": recipe.packing if self.packing is None else self.packing,
+            "global_batch_size": self.global_batch_size or recipe.global_batch_size,
+            "beta": self.beta or recipe.beta,
+            "attn_implementation": self.attn_implementation or ("facets_varlen" if self.method == "sft" else "sdpa"),
+        }
+        return self.model_copy(update=filled)
+
+    def accumulation_steps(self, processes: int) -> int:
+        """Forward passes accumulated per optimiser step so one step sees `global_batch_size` rows."""
+        wanted = self.global_batch_size or self.recipe.global_batch_size
+        return max(1, round(wanted / (self.batch_size * processes)))

@@ -1,0 +1,264 @@
+"""Training on a release, on the CPU: a tiny Mistral built from a config, a tokenizer trained on the fly,
+real TRL trainers, real Parquet through `datasets`. The release is written by tests/training_fixtures.py
+in the published layouts (and test_build.py trains on a release the build flow itself wrote)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the training extra (torch) is installed by `make test`")
+
+from facets.schemas.training import RECIPES, TrainConfig  # noqa: E402
+from facets.training.data import RowFormatter, TrainingInputError, mistral_prompt  # noqa: E402
+from facets.training.run import SUMMARY_FILE, check_inputs, load_tokenizer, resolve_device, train  # noqa: E402
+from training_fixtures import corpus, release_rows, tiny_mistral, write_release  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral", corpus())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("release") / "data"
+    write_release(root)
+    return root
+
+
+def config(data_dir: Path, model_dir: Path, output: Path, method: str = "sft", **overrides) -> TrainConfig:
+    values = dict(method=method, release=str(data_dir), output_dir=str(output), base_model=str(model_dir),
+                  device="cpu", max_steps=3, max_length=512, batch_size=2, global_batch_size=2, logging_steps=1,
+                  warmup_steps=0, save_steps=100, precision="fp32")
+    return TrainConfig(**{**values, **overrides})
+
+
+def build(cfg: TrainConfig):
+    """The trainer a run would use, over the same formatted, length-checked rows."""
+    from facets.training.data import load_rows
+    from facets.training.trainers import build_trainer
+
+    cfg = check_inputs(cfg)
+    tokenizer = load_tokenizer(cfg.base_model)
+    rows, _ = load_rows(cfg, tokenizer)
+    return build_trainer(cfg, rows, tokenizer, on_cpu=True), tokenizer
+
+
+# -- the three methods end to end ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_each_method_trains_saves_and_the_model_reloads_and_generates(method, data_dir, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train(config(data_dir, model_dir, tmp_path / method, method))
+    assert result.steps == 3
+    assert result.final_loss is not None and result.final_loss == result.final_loss  # finite, not NaN
+    assert result.lengths["kept"] == result.lengths["rows"] == (36 if method == "sft" else 12)
+    assert result.tokens_seen > 0
+    summary = json.loads((tmp_path / method / SUMMARY_FILE).read_text())
+    assert summary["config"]["learning_rate"] == RECIPES[method].learning_rate, "the paper's recipe fills the rest"
+    assert (tmp_path / method / "loss_curve.png").stat().st_size > 1000
+    metrics = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / method)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / method)
+    prompt = tokenizer(mistral_prompt("You are terse.", "Name a colour."), return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_dpo_keeps_one_model_in_memory(data_dir, model_dir, tmp_path):
+    trainer, _ = build(config(data_dir, model_dir, tmp_path, "dpo"))
+    assert trainer.ref_model is None, "reference log-probs come from the policy, computed once before training"
+    assert trainer.args.precompute_ref_log_probs
+
+
+def test_sft_loss_falls_on_a_repeated_batch(data_dir, model_dir, tmp_path):
+    # 4 rows, 4 per step: every step sees the same batch
+    small = tmp_path / "small-data"
+    write_release(small, n=4)
+    result = train(config(small, model_dir, tmp_path / "out", subset="small", batch_size=4, global_batch_size=4,
+                          max_steps=12, learning_rate=3e-3, lr_scheduler="constant", packing=False))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 12
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(data_dir, model_dir, tmp_path):
+    train(config(data_dir, model_dir, tmp_path, max_steps=2, save_steps=1))
+    assert (tmp_path / "checkpoint-2").is_dir()
+    result = train(config(data_dir, model_dir, tmp_path, max_steps=4, save_steps=1))
+    assert result.steps == 4
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged.count(1) == 1, "the second run started at step 3, not from scratch"
+
+
+# -- what the model learns from --------------------------------------------------------------------------------
+
+def test_rows_use_the_mistral_template_and_the_completion_carries_the_space():
+    sft, pairs = release_rows(1)
+    row = sft[0].model_dump()
+    formatted = RowFormatter("sft", "mistral")(row)
+    assert formatted == {"prompt": f"[INST] {row['system']}\n{row['prompt']} [/INST]", "completion": f" {row['output']}"}
+    pair = RowFormatter("dpo", "mistral")(pairs[0].model_dump(mode="json"))
+    assert pair["chosen"] == " " + pairs[0].chosen[1].content and pair["rejected"] == " " + pairs[0].rejected[1].content
+
+
+def test_the_loss_mask_covers_exactly_the_response_and_its_eos(data_dir, model_dir, tmp_path):
+    trainer, tokenizer = build(config(data_dir, model_dir, tmp_path, packing=True, batch_size=4, global_batch_size=4))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch, "padding-free: one row of whole samples and their bounds"
+    bounds = batch["cu_seq_lens_q"].tolist()
+    assert len(bounds) > 2, "several samples were packed into the row"
+    outputs = {f" {r.output}" for r in release_rows(12)[0]}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        ids, labels = batch["input_ids"][0, start:end], batch["labels"][0, start:end]
+        trained = labels != -100
+        assert batch["position_ids"][0, start] == 0
+        first = int(trained.nonzero()[0])
+        assert trained[first:].all() and not trained[:first].any(), "the mask is one span at the end"
+        assert tokenizer.decode(ids[:first]).startswith("<s>[INST] ") and tokenizer.decode(ids[:first]).endswith(" [/INST]")
+        assert ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids[first:-1]) in outputs
+
+
+@pytest.mark.parametrize("attention", ["facets_varlen", "sdpa"])
+def test_a_packed_sample_has_the_same_logits_as_alone(attention, data_dir, model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import facets.training.attention  # noqa: F401 - registers facets_varlen
+
+    trainer, _ = build(config(data_dir, model_dir, tmp_path, packing=True, batch_size=4, global_batch_size=4))
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    bounds = batch["cu_seq_lens_q"].tolist()
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits[0]
+        unbounded = model(input_ids=batch["input_ids"], use_cache=False).logits[0]  # one causal row: the control
+        worst = crossed = 0.0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            alone = model(input_ids=batch["input_ids"][:, start:end], use_cache=False).logits[0]
+            worst = max(worst, (packed[start:end] - alone).abs().max().item())
+            crossed = max(crossed, (unbounded[start:end] - alone).abs().max().item())
+    assert worst < 1e-5
+    assert crossed > 1e-2, "without the sample bounds later samples see earlier ones: the check can fail"
+
+
+def test_padded_batches_and_generation_are_exact_with_facets_varlen(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import facets.training.attention  # noqa: F401
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = corpus()[:3]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    longest = max(map(len, ids))
+    padded = torch.tensor([[tokenizer.pad_token_id] * (longest - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (longest - len(x)) + [1] * len(x) for x in ids])
+    models = {name: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=name).eval()
+              for name in ("sdpa", "facets_varlen")}
+    with torch.no_grad():
+        ours = models["facets_varlen"](padded, attention_mask=mask, use_cache=False).logits
+        for i, x in enumerate(ids):
+            alone = models["sdpa"](torch.tensor([x]), use_cache=False).logits[0]
+            assert (ours[i, longest - len(x):] - alone).abs().max() < 1e-5
+        generated = {name: m.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
+                     for name, m in models.items()}
+    assert torch.equal(generated["sdpa"], generated["facets_varlen"])
+
+
+# -- updates that really happen --------------------------------------------------------------------------------
+
+def test_one_step_at_lr_5e_7_changes_the_weights(data_dir, model_dir, tmp_path):
+    """fp32 master weights (bf16 compute) keep a 5e-7 update that bf16 weights round away."""
+    trainer, _ = build(config(data_dir, model_dir, tmp_path, "dpo", precision="fp32-master", learning_rate=5e-7,
+                              max_steps=1, lr_scheduler="constant"))
+    assert trainer.args.bf16, "compute is bf16, as on a GPU"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())
+    changed = sum(int((after[n] != w).sum()) for n, w in before.items())
+    total = sum(w.numel() for w in before.values())
+    assert changed > 0.5 * total, f"only {changed} of {total} weights moved"
+
+    # the same Adam step (about lr per weight) on bf16 weights is lost for almost all of them
+    weights = torch.cat([w.flatten() for w in before.values()]).to(torch.bfloat16)
+    stepped = weights + 5e-7 * torch.sign(weights.float()).to(torch.bfloat16)
+    assert (stepped != weights).float().mean() < 0.05
+
+
+# -- bad input: clear errors before any model is loaded ---------------------------------------------------------
+
+def test_a_missing_release_is_named(model_dir, tmp_path):
+    with pytest.raises(TrainingInputError, match="does not exist"):
+        check_inputs(config(tmp_path / "nowhere", model_dir, tmp_path / "out"))
+
+
+def test_a_release_without_the_method_s_subset_is_named(model_dir, tmp_path):
+    release = tmp_path / "releases" / "v1"
+    (release / "sft").mkdir(parents=True)
+    with pytest.raises(TrainingInputError, match="no dpo/ subset"):
+        check_inputs(config(release, model_dir, tmp_path / "out", "dpo"))
+    with pytest.raises(TrainingInputError, match="holds no Parquet files"):
+        check_inputs(config(release, model_dir, tmp_path / "out", "sft"))
+
+
+def test_an_empty_release_is_refused(model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from facets.schemas import to_table
+    from facets.schemas.release import SFTRow
+
+    path = tmp_path / "rel" / "sft" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(to_table([], SFTRow), path)
+    with pytest.raises(TrainingInputError, match="is empty"):
+        check_inputs(config(tmp_path / "rel", model_dir, tmp_path / "out"))
+
+
+def test_the_wrong_layout_for_the_method_is_named(data_dir, model_dir, tmp_path):
+    with pytest.raises(TrainingInputError, match="lacks output"):
+        check_inputs(config(data_dir, model_dir, tmp_path, "sft").model_copy(update={"subset": "dpo"}))
+    with pytest.raises(ValueError, match="dpo trains on dpo"):
+        config(data_dir, model_dir, tmp_path, "dpo", subset="sft")
+
+
+def test_a_base_model_path_that_does_not_exist_is_named(data_dir, tmp_path):
+    with pytest.raises(TrainingInputError, match="does not exist"):
+        check_inputs(config(data_dir, tmp_path / "no-model", tmp_path / "out"))
+
+
+def test_a_length_below_the_longest_prompt_is_refused_and_long_rows_are_counted(data_dir, model_dir, tmp_path):
+    with pytest.raises(TrainingInputError, match="below the longest prompt"):
+        train(config(data_dir, model_dir, tmp_path / "a", max_length=20))
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    result = train(config(data_dir, model_dir, tmp_path / "b", "dpo", max_length=110, max_steps=1))
+    assert 0 < result.lengths["too_long"] < result.lengths["rows"], result.lengths
+    assert result.lengths["kept"] + result.lengths["too_long"] == result.lengths["rows"]
+
+
+def test_no_gpu_refuses_a_real_run_unless_the_cpu_is_asked_for(data_dir, model_dir, tmp_path):
+    auto = config(data_dir, model_dir, tmp_path, device="auto")
+    if torch.cuda.is_available():
+        assert resolve_device(auto) == "cuda"
+    else:
+        with pytest.raises(TrainingInputError, match="--device cpu"):
+            resolve_device(auto)
+    assert resolve_device(config(data_dir, model_dir, tmp_path, device="cpu")) == "cpu"
+
+
+def test_importing_training_needs_no_gpu_and_no_storage():
+    code = ("import sys; import facets.training.run, facets.training.data, facets.training.trainers; "
+            "assert 'facets.storage' not in sys.modules, 'training imports storage'; "
+            "assert 'torch' not in sys.modules, 'importing training loads torch'; "
+            "import facets.flows.train; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

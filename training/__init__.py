@@ -1,0 +1,1 @@
+"""Training on a release: SFT, DPO and ORPO with TRL (importable without torch)."""
