@@ -118,6 +118,8 @@ async def build_collection(config: BuildConfig) -> dict:
     store = Store(config.data_dir)
     if config.sources:
         logger.info("ingested:\n%s", ingest_sources(config))
+    if config.train_after:
+        await check_train_deployment(config.train.deployment)
     pool = Pool(store, config.seed)
     if not len(pool):
         raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
@@ -138,9 +140,35 @@ async def build_collection(config: BuildConfig) -> dict:
             from facets.tasks.release import push_release
 
             logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub), config.push_to_hub)
+        if config.train_after and report.release["is_new"]:
+            report.release["train_run"] = await start_training(config, report.release)
     await publish_artifacts(report)
     logger.info(report.text())
     return report.model_dump(mode="json")
+
+
+async def check_train_deployment(name: str) -> None:
+    """`train_after` needs the train deployment on the server: found out before any paid call."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(f"train_after: the server has no deployment {name}; apply prefect.yaml "
+                             "(`facets server` does, or `prefect --no-prompt deploy --all`)") from None
+
+
+async def start_training(config: BuildConfig, release: dict) -> str:
+    """A run of the train deployment on the new release; the build does not wait for it."""
+    from prefect.deployments import run_deployment
+
+    parameters = {"config": config.train.train_config(release["path"], release["version"], config.data_dir)}
+    run = await run_deployment(name=config.train.deployment, parameters=parameters, timeout=0,
+                               tags=["facets", "train_after"])
+    get_run_logger().info("started %s (flow run %s) on release %s", config.train.deployment, run.id, release["version"])
+    return str(run.id)
 
 
 def publish(ctx: BuildContext, shards: list[Shard], report: BuildReport) -> dict:

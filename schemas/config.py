@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -94,6 +94,32 @@ def _default_stages() -> dict[str, StageSettings]:
     }
 
 
+class TrainAfter(Config):
+    """The training run a build starts when it publishes a new release: a run of the `train` deployment."""
+
+    deployment: str = Field("train/sft", description="FLOW/DEPLOYMENT, as prefect.yaml declares it")
+    config: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "sft"},
+        description="TrainConfig fields except `release` (the new release); `output_dir` defaults to "
+                    "<data_dir>/models/<version>-<method>")
+
+    @model_validator(mode="after")
+    def _valid_train_config(self) -> "TrainAfter":
+        from facets.schemas.training import TrainConfig
+
+        if "/" not in self.deployment:
+            raise ValueError(f"train_after.deployment must be FLOW/DEPLOYMENT, not {self.deployment!r}")
+        if "release" in self.config:
+            raise ValueError("train_after.config must not name a release: the build passes the one it published")
+        TrainConfig.model_validate({"output_dir": "-", **self.config, "release": "-"})
+        return self
+
+    def train_config(self, release_path: str, version: str, data_dir: str) -> dict[str, Any]:
+        method = self.config.get("method", "sft")
+        output_dir = self.config.get("output_dir") or f"{data_dir.rstrip('/')}/models/{version}-{method}"
+        return {**self.config, "release": release_path, "output_dir": output_dir}
+
+
 class BuildConfig(Config):
     """Everything a `build-collection` run needs; the CLI flags and the deployment parameters mirror it."""
 
@@ -113,6 +139,8 @@ class BuildConfig(Config):
     test_fraction: float = Field(0.005, ge=0, lt=1, description="share of pairs in the RM test split")
     publish: bool = True
     push_to_hub: str | None = Field(None, description="a hub dataset repo id to push a new release to")
+    train_after: bool = Field(False, description="start the `train` deployment on a new release (see `train`)")
+    train: TrainAfter = Field(default_factory=TrainAfter)
 
     @model_validator(mode="after")
     def _every_stage(self) -> "BuildConfig":

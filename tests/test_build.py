@@ -187,6 +187,54 @@ def test_kill_9_mid_build_then_rerun_pays_at_most_the_in_flight_calls_again(tmp_
     assert len(rows(tmp_path, "pairs")) >= 12
 
 
+def test_train_after_starts_the_train_deployment_and_that_run_trains_on_the_built_release(tmp_path):
+    """The trigger, and the trap of a release that only looks right: the run's own config trains a step on it."""
+    pytest.importorskip("torch", reason="the training extra (torch) is installed by `make test`")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from facets.flows.train import train as train_flow
+    from facets.schemas.training import TrainConfig
+    from facets.training.run import train
+    from training_fixtures import corpus, tiny_mistral
+
+    deployment_id = train_flow.to_deployment(name="sft-test").apply()
+    model = tiny_mistral(tmp_path / "tiny", corpus())
+    overrides = {"method": "sft", "base_model": str(model), "device": "cpu", "max_steps": 1, "precision": "fp32",
+                 "max_length": 4096, "batch_size": 2, "global_batch_size": 2}
+    with run_simulator(seed=5) as sim:
+        report = build(config(sim.base_url, tmp_path / "data", limit=3, publish=True, train_after=True,
+                              train={"deployment": "train/sft-test", "config": overrides}))
+    release = report["release"]
+    assert release["is_new"] and release["train_run"]
+
+    async def runs():
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+    (run,) = asyncio.run(runs())
+    assert str(run.id) == release["train_run"]
+    given = run.parameters["config"]
+    assert given["release"] == release["path"]
+    assert given["output_dir"] == f"{tmp_path / 'data'}/models/{release['version']}-sft"
+    result = train(TrainConfig.model_validate(given))  # what the worker would run, in this process
+    assert result.steps == 1 and result.lengths["kept"] > 0 and result.final_loss == result.final_loss
+
+
+def test_train_after_without_the_deployment_stops_before_any_call(tmp_path):
+    with run_simulator() as sim:
+        with pytest.raises(ValueError, match="no deployment train/nowhere"):
+            build(config(sim.base_url, tmp_path, train_after=True, train={"deployment": "train/nowhere"}))
+        assert chat_requests(sim) == 0
+
+
+def test_a_bad_train_after_config_is_refused_with_the_config():
+    with pytest.raises(ValueError, match="learning_rate"):
+        BuildConfig(train_after=True, train={"config": {"method": "dpo", "learning_rate": 0}})
+    with pytest.raises(ValueError, match="must not name a release"):
+        BuildConfig(train={"config": {"method": "sft", "release": "x"}})
+
+
 # --- bad config: a clear message before any paid call ---------------------------------------------
 
 def test_unknown_stage_model_stops_before_any_call(tmp_path):

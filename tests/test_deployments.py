@@ -74,10 +74,22 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
     config = BuildConfig.model_validate(build["parameters"]["config"])
     assert config.data_dir == "data" and config.publish and config.endpoint.max_cost
     assert set(build["parameters"]) == {"config"}
+    assert not config.train_after and config.train.deployment == "train/sft"
+
+
+def test_train_deployments_run_on_the_gpu_pool_and_cover_the_three_methods():
+    from facets.schemas.training import TrainConfig
+
+    trains = {spec["name"]: spec for spec in prefect_yaml()["deployments"] if spec["entrypoint"].endswith(":train")}
+    assert set(trains) == {"sft", "dpo", "orpo"}
+    for name, spec in trains.items():
+        assert spec["work_pool"]["name"] == "gpu"
+        assert TrainConfig.model_validate(spec["parameters"]["config"]).method == name
+    assert f"train/{deployment()['parameters']['config']['train']['deployment'].split('/')[1]}" == "train/sft"
 
 
 def test_the_server_command_finds_the_project_and_its_pools(tmp_path, monkeypatch):
-    assert server.deployment_pools(ROOT) == ["cpu"]
+    assert server.deployment_pools(ROOT) == ["cpu", "gpu"]
     assert server.find_project_dir(ROOT) == ROOT
     monkeypatch.chdir(tmp_path)  # elsewhere: the checkout the package is installed from
     assert server.find_project_dir(None) == ROOT

@@ -262,3 +262,54 @@ def test_importing_training_needs_no_gpu_and_no_storage():
             "assert 'torch' not in sys.modules, 'importing training loads torch'; "
             "import facets.flows.train; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+# -- the flow and the command line ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_the_train_flow_publishes_the_loss_curve_and_a_table(prefect_server, data_dir, model_dir, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from facets.flows.train import train as train_flow
+
+    result = train_flow(config(data_dir, model_dir, tmp_path, max_steps=2))
+    assert result["steps"] == 2 and Path(result["output_dir"], "model.safetensors").is_file()
+
+    async def artifacts(key: str):
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    table = asyncio.run(artifacts("train-loss"))[0]
+    assert [row["step"] for row in json.loads(table.data)] == [1, 2]
+    summary = asyncio.run(artifacts("train-summary"))[0]
+    assert "data:image/png;base64," in summary.data and "| 2 |" in summary.data
+
+
+def test_facets_train_runs_the_flow_and_reports_bad_flags(prefect_server, data_dir, model_dir, tmp_path, capsys):
+    from facets.flows.cli import main
+
+    common = ["--release", str(data_dir), "--base-model", str(model_dir), "--output", str(tmp_path / "orpo")]
+    assert main(["train", "--method", "orpo", *common, "--device", "cpu", "--max-steps", "1", "--precision", "fp32",
+                 "--max-length", "512", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "orpo done: 1 steps" in out and str(tmp_path / "orpo") in out
+    summary = json.loads((tmp_path / "orpo" / SUMMARY_FILE).read_text())
+    assert summary["config"]["learning_rate"] == 5e-6 and summary["config"]["beta"] == 0.1
+
+    assert main(["train", "--method", "dpo", *common, "--device", "cpu", "--lr", "-1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "--method", "sft", *common[:2], "--output", str(tmp_path / "x"), "--base-model",
+                 str(tmp_path / "missing-model"), "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--release", str(data_dir)]) == 2
+    assert "missing --method, --output" in capsys.readouterr().err

@@ -43,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
     add("--no-publish", dest="publish", action="store_false", default=None, help="build the stages, publish no release")
     add("--push-to-hub", metavar="REPO", help="push a new release to this hub dataset repo (needs HF_TOKEN)")
+    add("--train-after", action="store_true", default=None,
+        help="start the train deployment (train/sft, or the config's `train.deployment`) on a new release")
     add("--quiet", action="store_true", help="no progress bar")
 
 
@@ -57,7 +59,7 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
         else:
             data = json.loads(text)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
-                 "max_concurrent_shards", "mode", "templates_dir", "publish", "push_to_hub"):
+                 "max_concurrent_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     endpoint = data.setdefault("endpoint", {})

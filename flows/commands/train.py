@@ -1,0 +1,104 @@
+"""`facets train`: SFT, DPO or ORPO on a release with the paper's recipe, through the `train` flow.
+
+    facets train --release data --method sft --base-model mistral-community/Mistral-7B-v0.2 --output models/sft
+    facets train --release data --method dpo --base-model models/sft-small --output models/dpo
+    facets train --release data --method sft --base-model ./tiny --output /tmp/t --device cpu --max-steps 3
+
+Flags left out take the method's recipe (schemas/training.py); `--config FILE` gives the whole TrainConfig
+(JSON or YAML) and flags override it. Bad inputs are reported before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+# flag -> TrainConfig field, for the overrides a user types most
+OVERRIDES = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "batch_size": "batch_size",
+             "global_batch_size": "global_batch_size", "max_length": "max_length", "device": "device",
+             "subset": "subset", "prompt_format": "prompt_format", "precision": "precision", "beta": "beta",
+             "attention": "attn_implementation", "processes": "num_processes", "save_steps": "save_steps",
+             "seed": "seed"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--release", help="a release folder, or a data dir / releases/ folder whose LATEST names one")
+    add("--method", choices=["sft", "dpo", "orpo"])
+    add("--base-model", help="hub id or local folder (DPO: the SFT checkpoint trained on `small`)")
+    add("--output", dest="output_dir", help="where checkpoints, the model, metrics and the loss curve go")
+    add("--config", type=Path, help="a TrainConfig as JSON or YAML; flags override it")
+    add("--epochs", type=float)
+    add("--max-steps", type=int)
+    add("--lr", type=float, help="learning rate")
+    add("--batch-size", type=int, help="rows per device per forward pass")
+    add("--global-batch-size", type=int, help="rows per optimiser step (gradient accumulation fills the gap)")
+    add("--max-length", type=int, help="tokens per row; longer rows are left out and counted")
+    add("--device", choices=["auto", "cuda", "cpu"])
+    add("--subset", help="release subset (sft or small for SFT; dpo; orpo)")
+    add("--prompt-format", choices=["mistral", "chat"])
+    add("--precision", choices=["fp32-master", "bf16-stochastic", "fp32"])
+    add("--beta", type=float, help="DPO beta / ORPO alpha")
+    add("--attention", help="attention implementation (facets_varlen, sdpa, flex_attention, eager)")
+    add("--processes", type=int, help="GPUs to use; more than one runs accelerate launch")
+    add("--save-steps", type=int)
+    add("--seed", type=int)
+    add("--no-packing", dest="packing", action="store_false", default=None, help="SFT without packing")
+    add("--no-resume", dest="resume", action="store_false", default=None, help="start over, ignoring checkpoints")
+
+
+def config_from(args: argparse.Namespace):
+    from facets.schemas.training import TrainConfig
+
+    values: dict = {}
+    if args.config:
+        text = args.config.read_text()
+        if args.config.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    for name in ("release", "method", "base_model", "output_dir", "packing", "resume"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    for flag, field in OVERRIDES.items():
+        if getattr(args, flag) is not None:
+            values[field] = getattr(args, flag)
+    missing = [f"--{n.replace('_dir', '').replace('_', '-')}" for n in ("release", "method", "output_dir")
+               if n not in values]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give them in --config)")
+    return TrainConfig.model_validate(values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from facets.training.data import TrainingInputError
+
+    try:
+        config = config_from(args)
+    except (ValueError, ValidationError, OSError) as error:
+        print(f"facets train: {_one_line(error)}", file=sys.stderr)
+        return 2
+    from facets.flows.train import train
+
+    try:
+        result = train(config)
+    except TrainingInputError as error:
+        print(f"facets train: {error}", file=sys.stderr)
+        return 2
+    lengths = result["lengths"]
+    print(f"{result['method']} done: {result['steps']} steps, final loss {result['final_loss']}, "
+          f"{result['tokens_per_second']:.0f} tokens/s; {lengths['kept']} rows trained, "
+          f"{lengths['too_long']} longer than {lengths['max_length']} tokens left out")
+    print(f"model: {result['output_dir']}  (beside it: train_summary.json, metrics.jsonl, loss_curve.png)")
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return str(error)
