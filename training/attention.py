@@ -48,9 +48,16 @@ def _use_flash(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _flash_kernel() is not None
 
 
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """Under autocast (fp32 master weights) RoPE hands fp32 queries over; the kernel wants the bf16 it would get."""
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return query.dtype
+
+
 def _flash(q, k, v, bounds, longest: int, scaling, sliding_window) -> torch.Tensor:
     kernel, accepts = _flash_kernel()
-    extra: dict = {"scale": scaling}
+    extra: dict = {"scale": scaling} if "scale" in accepts else {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in accepts:
             extra["enable_gqa"] = True
@@ -103,7 +110,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         mask = _dense_mask(attention_mask, batch, q_len, k_len, sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = sample_bounds(kwargs, batch, q_len, query.device)
-    q, k, v = (t.transpose(1, 2).reshape(batch * q_len, t.shape[1], dim) for t in (query, key, value))
+    dtype = _compute_dtype(query)
+    q, k, v = (t.transpose(1, 2).reshape(batch * q_len, t.shape[1], dim).to(dtype) for t in (query, key, value))
     if _use_flash(q):
         longest = int(kwargs.get("max_length_q") or int(bounds.diff().max()))
         out = _flash(q, k, v, bounds, longest, scaling, sliding_window)
