@@ -28,7 +28,7 @@ from facets.tasks import pairs, preference_sets, preference_trees, responses, sy
 from facets.flows.report import BuildReport, Progress, publish_artifacts
 from facets.tasks.context import BuildContext
 from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
-from facets.tasks.selection import Pool
+from facets.tasks.selection import Pool, complete_instructions
 from facets.tasks.shard import Shard
 from facets.tasks.templates import load_template
 
@@ -126,6 +126,7 @@ async def build_collection(config: BuildConfig) -> dict:
     wanted = min(config.limit or len(pool), len(pool))
     progress = Progress(listeners=PROGRESS_LISTENERS)
     ctx = await open_context(config, store)
+    pool.prefer(complete_instructions(store, ctx.plan))
     try:
         shards = await build_shards(ctx, pool, wanted, progress)
     finally:

@@ -1,4 +1,8 @@
-"""Which instructions a build takes: the pool in seeded order, drawn until N are accepted (decision 8)."""
+"""Which instructions a build takes: the pool in seeded order, drawn until N are accepted (decision 8).
+
+A rebuild draws the instructions that are already complete under the current plan first: when N of them
+are there, nothing is asked again (a no-op rebuild makes no call), and instructions that failed before
+are retried only when the build needs more rows than it has."""
 from __future__ import annotations
 
 import pyarrow.compute as pc
@@ -6,7 +10,7 @@ import pyarrow.dataset as ds
 
 from facets.schemas import Instruction, from_table
 from facets.storage import Store
-from facets.tasks.plan import seeded_rank
+from facets.tasks.plan import StagePlan, seeded_rank
 
 STAGE = "instructions"
 
@@ -27,6 +31,12 @@ class Pool:
     def remaining(self) -> int:
         return len(self.order) - self.cursor
 
+    def prefer(self, complete: set[str]) -> int:
+        """Puts these ids first, each group keeping its seeded order; returns how many were in the pool."""
+        first = [iid for iid in self.order if iid in complete]
+        self.order = first + [iid for iid in self.order if iid not in complete]
+        return len(first)
+
     def draw(self, count: int) -> list[Instruction]:
         chosen = self.order[self.cursor : self.cursor + count]
         self.cursor += len(chosen)
@@ -43,3 +53,10 @@ class Pool:
         table = table.take(sorted(set(first.to_pylist())))
         return list(from_table(table, Instruction))
 
+
+
+def complete_instructions(store: Store, plan: StagePlan) -> set[str]:
+    """Ids whose pair row is stored with the fingerprint the current plan gives it (so every row before it is too)."""
+    table = store.read("pairs", columns=["instruction_id", "fingerprint"])
+    return {iid for iid, fp in zip(table.column("instruction_id").to_pylist(), table.column("fingerprint").to_pylist())
+            if plan.fingerprints(iid).pairs == fp}
