@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.errors import RunAborted
-from facets.llm.gateway import Gateway
+from facets.llm.gateway import CallSlots, Gateway
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
 from facets.schemas.config import LLM_STAGES, BuildConfig
@@ -75,8 +75,8 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
     await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir)
     budget = Budget(config.endpoint.max_cost)
-    in_flight = asyncio.Semaphore(config.endpoint.limits.max_in_flight)
-    gateways = {stage: Gateway(config.endpoint, journal, budget, in_flight) for stage in LLM_STAGES}
+    slots = CallSlots(config.endpoint.limits.max_in_flight)
+    gateways = {stage: Gateway(config.endpoint, journal, budget, slots) for stage in LLM_STAGES}
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
@@ -87,27 +87,56 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
 
 
 async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress) -> list[Shard]:
-    """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8)."""
-    config, done = ctx.config, []
+    """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8).
+
+    Replacements are drawn as soon as a stage drops instructions, while the other shards run, so the
+    build never ends with a second round for the failed few. Few shards make trees at once
+    (`max_tree_shards`): tree calls are token-heavy and the later stages request-heavy, and a pipeline
+    of shards in different stages keeps both the endpoint's RPM and its TPM busy."""
+    config = ctx.config
+    shards: list[Shard] = []
+    running: set[asyncio.Task] = set()
     limit = asyncio.Semaphore(config.max_concurrent_shards)
+    tree_slots = asyncio.Semaphore(config.max_tree_shards)
     stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
 
-    async def one(shard: Shard) -> Shard:
+    async def one(shard: Shard) -> None:
         async with limit:
             for stage in STAGES:
-                await stage_task(stage, ctx, shard)
+                if stage == "preference_trees":
+                    async with tree_slots:
+                        await stage_task(stage, ctx, shard)
+                else:
+                    await stage_task(stage, ctx, shard)
+                shard.stage_done = stage
                 await progress.advance(stage, shard)
+                top_up()
         shard.finish()
-        return shard
 
-    while (short := wanted - sum(len(s.accepted()) for s in done)) > 0 and pool.remaining:
+    def top_up() -> None:
+        short = wanted - sum(s.expected() for s in shards)
+        if short <= 0 or not pool.remaining:
+            return
         instructions = pool.draw(short)
         width = buckets_per_shard(len(instructions), config.shard_size)
-        shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, config.sets_per_instruction)
-                  for (lo, hi), group in shard_ranges(instructions, width).items()]
-        progress.add(len(shards) * len(STAGES), len(instructions))
-        done.extend(await asyncio.gather(*(one(s) for s in shards)))
-    return done
+        new = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, config.sets_per_instruction)
+               for (lo, hi), group in shard_ranges(instructions, width).items()]
+        progress.add(len(new) * len(STAGES), len(instructions))
+        shards.extend(new)
+        running.update(asyncio.create_task(one(shard)) for shard in new)
+
+    top_up()
+    try:
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+            running.difference_update(done)
+            for task in done:
+                task.result()  # a shard that failed for good stops the build
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    return shards
 
 
 @flow(name="build-collection", log_prints=True, persist_result=False)

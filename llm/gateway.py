@@ -124,9 +124,20 @@ def _strict(node: Any) -> Any:
     return node
 
 
+class CallSlots:
+    """The calls one endpoint may have going: sent and unanswered (`max_in_flight`), and holding a limiter
+    reservation while they wait their turn (twice that). Reservations use estimates (a reply's length is
+    unknown until it comes); a queue of thousands reserving at once would pace them all by those first
+    guesses, so only calls near the front reserve, and the rest wait here, at no cost."""
+
+    def __init__(self, max_in_flight: int):
+        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self.reserving = asyncio.Semaphore(2 * max_in_flight)
+
+
 class Gateway:
     def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
-                 in_flight: asyncio.Semaphore | None = None):
+                 slots: CallSlots | None = None):
         if endpoint.api_key is None and endpoint.base_url is None:
             raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
         self.endpoint = endpoint
@@ -140,8 +151,8 @@ class Gateway:
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
         retries = endpoint.retries
         self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s, endpoint.limits.max_in_flight)
-        # gateways of one run share the bound, so max_in_flight holds per endpoint, not per gateway
-        self._in_flight = in_flight or asyncio.Semaphore(endpoint.limits.max_in_flight)
+        # gateways of one run share the slots, so max_in_flight holds per endpoint, not per gateway
+        self._slots = slots or CallSlots(endpoint.limits.max_in_flight)
         self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)  # endpoint errors, recent calls
         self._rejected: Counter[str] = Counter()  # replies that failed their checks, all calls
         self._outcomes = 0
@@ -359,17 +370,27 @@ class Gateway:
         limiter = shared_limiter(self.url, model, self.endpoint.limits)
         raw_estimate = self.estimator.raw(body["messages"], extra_chars)
         input_tokens = self.estimator.estimate(body["messages"], extra_chars)
-        output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
-        reservation, wait = limiter.reserve(input_tokens, output_tokens)
-        if wait > 0:
-            await _sleep_to_tick(wait)
-        while (pause := limiter.pause_remaining()) > 0:
-            await asyncio.sleep(pause)
         price = self.prices.get(model)
         worst_case = price.cost(input_tokens, max_tokens) if price else 0.0
-        while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
-            await asyncio.sleep(BUDGET_WAIT_S)
-        async with self._in_flight:
+        reservation = held = None
+        try:
+            async with self._slots.reserving:
+                output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
+                reservation, wait = limiter.reserve(input_tokens, output_tokens)
+                if wait > 0:
+                    await _sleep_to_tick(wait)
+                while (pause := limiter.pause_remaining()) > 0:
+                    await asyncio.sleep(pause)
+                while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
+                    await asyncio.sleep(BUDGET_WAIT_S)
+                await self._slots.in_flight.acquire()
+        except BaseException:  # cancelled while waiting its turn: give back what it holds
+            if reservation is not None:
+                limiter.release(reservation)
+            if held is not None:
+                self.budget.settle(held, 0.0)
+            raise
+        try:
             if self.aborted is not None:  # the run stopped while this call waited for its turn
                 limiter.release(reservation)
                 self.budget.settle(held, 0.0)
@@ -387,10 +408,12 @@ class Gateway:
                 limiter.release(reservation)
                 self.budget.settle(held, 0.0)
                 raise
+        finally:
+            self._slots.in_flight.release()
         latency = time.perf_counter() - started
         cost = price.cost(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens) if price else None
         self.budget.settle(held, cost or 0.0)
-        limiter.observe_headers(reply.headers)
+        limiter.observe_headers(reply.headers, reservation)
         limiter.settle(reservation, reply.prompt_tokens, reply.completion_tokens)
         self.estimator.observe(raw_estimate, reply.prompt_tokens)
         self._learn_output(model, reply.completion_tokens)

@@ -83,6 +83,8 @@ class Limiter:
         self.input = Bucket(limits.itpm, limits.burst_s, now) if limits.itpm else None
         self.output = Bucket(limits.otpm, limits.burst_s, now) if limits.otpm else None
         self.factor = 1.0
+        # output tokens reserved by calls not answered yet: the server charges them only when it replies
+        self.outstanding_output = 0.0
         self.paused_until = 0.0
         self._next_cut = 0.0
         self._recent_429s: deque[float] = deque()
@@ -95,6 +97,7 @@ class Limiter:
             for bucket, amount in self._charges(1.0, input_tokens, output_tokens):
                 wait = max(wait, bucket.reserve(amount, now, self.factor))
             wait = max(wait, self.paused_until - now)
+            self.outstanding_output += output_tokens
         return Reservation(input_tokens, output_tokens), wait
 
     def pause_remaining(self) -> float:
@@ -104,6 +107,7 @@ class Limiter:
         """Correct the token buckets by the difference between reserved and reported usage."""
         with self._lock:
             now = self.clock()
+            self.outstanding_output = max(0.0, self.outstanding_output - reservation.output_tokens)
             for bucket, delta in self._charges(
                 0.0, input_tokens - reservation.input_tokens, output_tokens - reservation.output_tokens
             ):
@@ -127,16 +131,22 @@ class Limiter:
         if self.output is not None:
             yield self.output, output_tokens
 
-    def observe_headers(self, headers) -> None:
-        """Never believe we have more budget left than the server says we do."""
+    def observe_headers(self, headers, answered: Reservation | None = None) -> None:
+        """Never believe we have more budget left than the server says we do.
+
+        The server's remaining tokens do not yet count the replies still being written (it charges output
+        when it replies), while our bucket does: those are taken off what it says, or the bucket would
+        forget them at every reply and overspend. `answered` is the reply that brought these headers."""
         with self._lock:
             now = self.clock()
-            for bucket, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
+            pending = self.outstanding_output - (answered.output_tokens if answered else 0.0)
+            for bucket, kind, unanswered in ((self.requests, "requests", 0.0), (self.tokens, "tokens", pending),
+                                             (self.output, "output-tokens", pending)):
                 remaining = headers.get(f"x-ratelimit-remaining-{kind}")
                 if bucket is None or remaining is None:
                     continue
                 try:
-                    remaining = float(remaining)
+                    remaining = float(remaining) - max(0.0, unanswered)
                 except ValueError:
                     continue
                 bucket.refill(now)

@@ -129,6 +129,8 @@ class BuildConfig(Config):
     shard_size: int = Field(256, gt=0, description="instructions per shard, roughly (shards are bucket ranges)")
     sets_per_instruction: int = Field(3, ge=2, le=8)
     max_concurrent_shards: int = Field(8, gt=0)
+    max_tree_shards: int = Field(1, gt=0, description="shards making preference trees at once; the others go on "
+                                                     "with later stages, so token-heavy and request-heavy calls mix")
     shard_retries: int = Field(2, ge=0, description="Prefect retries of a crashed (stage, shard) task")
     stages: dict[LLMStage, StageSettings] = Field(default_factory=_default_stages)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)

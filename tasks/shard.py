@@ -44,6 +44,7 @@ class Shard:
         self.counts: dict[str, StageCount] = {}
         self.failures: Counter[str] = Counter()
         self._accepted: list[str] | None = None
+        self.stage_done: str | None = None  # the last stage this shard went through
 
     def alive(self, stage: str | None) -> list[str]:
         """Instructions that have every row of `stage` (all of them when `stage` is None)."""
@@ -56,6 +57,10 @@ class Shard:
     def accepted(self) -> list[str]:
         """Instructions with a tree, all sets, system messages and responses, and a pair (decision 8)."""
         return self._accepted if self._accepted is not None else self.alive("pairs")
+
+    def expected(self) -> int:
+        """Instructions that may still be accepted: all of them before the first stage, the accepted at the end."""
+        return len(self._accepted) if self._accepted is not None else len(self.alive(self.stage_done))
 
     def finish(self) -> None:
         """Keep what the release needs (accepted ids, fingerprints, counts) and let the texts go, so a

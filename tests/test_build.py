@@ -87,6 +87,37 @@ def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_
         assert systems[row["prompt"]][rejected] != row["system"], "rejected answers another system message"
 
 
+def test_one_shard_makes_trees_at_a_time_while_others_go_on(tmp_path):
+    """max_tree_shards=1: the token-heavy tree stages of shards never overlap (read back from Prefect)."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    began = datetime.now(timezone.utc)
+    with run_simulator(seed=7, latency_ms=30) as sim:
+        report = build(config(sim.base_url, tmp_path, limit=12, shard_size=3))
+    assert report["accepted"] == 12 and report["shards"] >= 3
+
+    async def task_runs():  # the tests of this module run one at a time: these are this build's
+        async with get_client() as client:
+            return await client.read_task_runs(
+                task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=began)))
+
+    deadline = time.monotonic() + 30
+    while True:  # task run states reach the server a moment after the flow returns
+        runs = sorted(((r.start_time, r.end_time, r.name) for r in asyncio.run(task_runs()) if r.end_time))
+        trees = [t for t in runs if t[2].startswith("preference_trees-")]
+        if len(trees) >= report["shards"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    later = [t for t in runs if t[2].startswith(("system_messages-", "responses-"))]
+    assert len(trees) == report["shards"]
+    for (_, end, _), (start, _, _) in zip(trees, trees[1:]):
+        assert start >= end, "two shards made trees at once"
+    assert any(s < trees[-1][1] and e > trees[-1][0] for s, e, _ in later), "later stages ran beside the trees"
+
+
 def test_incremental_rerun_makes_no_request_and_no_new_release(tmp_path):
     with run_simulator(seed=1) as sim:
         first = build(config(sim.base_url, tmp_path, publish=True))
@@ -176,12 +207,15 @@ def test_kill_9_mid_build_then_rerun_pays_at_most_the_in_flight_calls_again(tmp_
         assert victim.poll() is None, "the build ended before it could be killed"
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
-        # calls that failed before the kill are asked again on purpose (a rerun retries failures), each at
-        # most 1 + 2 repair requests; they are not calls paid twice for one result
-        retried = 3 * Store(str(tmp_path)).count("failures")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         stats = sim.stats()
+    # calls whose replies were rejected are asked again on purpose (a rerun retries failures), each at most
+    # 1 + 2 repair requests; they are not calls paid twice for one result. The simulator's replies depend
+    # on the request only, so each fails again in the rerun and is recorded: those recorded after the kill
+    # too, whose stage had not ended when it came.
+    failed = Store(str(tmp_path)).read("failures", columns=["stage", "key"]).to_pylist()
+    retried = 3 * len({(f["stage"], f["key"]) for f in failed})
     assert "release" in done.stdout
     assert stats["paid_twice"] <= in_flight + retried
     assert len(rows(tmp_path, "pairs")) >= 12

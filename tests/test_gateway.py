@@ -187,6 +187,48 @@ def test_limiter_never_exceeds_its_rpm_in_any_window(transport):
     assert elapsed >= (n - rpm / 60 * burst_s) / (rpm / 60) * 0.95
 
 
+def test_server_headers_never_erase_the_tokens_of_replies_still_being_written():
+    """The server charges output when it replies, so its remaining budget leaves out our unanswered calls."""
+    clock = [0.0]
+    limiter = limiter_module.Limiter(RateLimits(rpm=0, tpm=60_000, burst_s=1.0), clock=lambda: clock[0])
+    first, _ = limiter.reserve(100, 400)
+    second, _ = limiter.reserve(100, 400)  # both sent; the server has charged their inputs only
+    assert limiter.tokens.level == 1000 - 1000
+    # the first reply: the server has charged 200 input + 400 output; it says 400 remain
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "400"}, first)
+    assert limiter.tokens.level == 0, "the second call's 400 output tokens are still owed"
+    limiter.settle(first, 100, 400)
+    limiter.settle(second, 100, 100)  # it wrote less than reserved: the difference comes back
+    assert limiter.tokens.level == 300 and limiter.outstanding_output == 0
+
+
+def test_only_calls_near_the_front_hold_a_reservation(transport):
+    """1,000 queued calls reserve a few at a time, so a first guess at reply length paces a few, not all."""
+    in_flight, n = 4, 200
+    seen: list[float] = []
+
+    async def body(gateway):
+        limiter = limiter_module.shared_limiter(gateway.url, MODEL, gateway.endpoint.limits)
+
+        async def watch():
+            while True:
+                seen.append(limiter.outstanding_output)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        results = await parse_all(gateway, n)
+        watcher.cancel()
+        return results
+
+    with run_simulator(latency_ms=20) as sim:
+        limits = RateLimits(rpm=60_000, tpm=60_000_000, max_in_flight=in_flight)
+        results, gateway = run(endpoint(sim, transport, limits=limits), body)
+    assert answered(results)
+    # each call reserves at most max_tokens (1,000) of output; 2 x in_flight calls reserve at once
+    assert max(seen) <= 2 * in_flight * SAMPLING.max_tokens
+    assert max(seen) > 0
+
+
 # -- faults -----------------------------------------------------------------------------------
 
 

@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--shard-size", type=int, help="instructions per shard, roughly (default 256)")
     add("--sets", type=int, dest="sets_per_instruction", help="preference sets per instruction (default 3)")
     add("--concurrency", type=int, dest="max_concurrent_shards", help="shards in progress at once (default 8)")
+    add("--tree-shards", type=int, dest="max_tree_shards",
+        help="shards making preference trees at once (default 1: the others go on with later stages)")
     add("--model", help="the model of every stage (default: the config's, else gpt-4o-mini)")
     add("--rpm", type=float, help="the endpoint's requests per minute")
     add("--tpm", type=float, help="the endpoint's tokens per minute")
@@ -59,7 +61,7 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
         else:
             data = json.loads(text)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
-                 "max_concurrent_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after"):
+                 "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     endpoint = data.setdefault("endpoint", {})
