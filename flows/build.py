@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.errors import RunAborted
-from facets.llm.gateway import CallSlots, Gateway
+from facets.llm.gateway import Gateway
+from facets.llm.slots import CallSlots
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
 from facets.schemas.config import LLM_STAGES, BuildConfig
@@ -75,7 +76,7 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
     await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir)
     budget = Budget(config.endpoint.max_cost)
-    slots = CallSlots(config.endpoint.limits.max_in_flight)
+    slots = CallSlots(config.endpoint.limits)
     gateways = {stage: Gateway(config.endpoint, journal, budget, slots) for stage in LLM_STAGES}
     for model in models:
         gateways["responses"].check_price(model)
@@ -86,13 +87,15 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
     return BuildContext(config, store, load_templates(config), gateways, batches)
 
 
-async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress) -> list[Shard]:
+async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress,
+                       complete: frozenset[str] = frozenset()) -> list[Shard]:
     """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8).
 
     Replacements are drawn as soon as a stage drops instructions, while the other shards run, so the
     build never ends with a second round for the failed few. Few shards make trees at once
     (`max_tree_shards`): tree calls are token-heavy and the later stages request-heavy, and a pipeline
-    of shards in different stages keeps both the endpoint's RPM and its TPM busy."""
+    of shards in different stages keeps both the endpoint's RPM and its TPM busy. A shard whose
+    instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows."""
     config = ctx.config
     shards: list[Shard] = []
     running: set[asyncio.Task] = set()
@@ -101,6 +104,11 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
 
     async def one(shard: Shard) -> None:
+        if shard.instructions.keys() <= complete:
+            shard.reuse_complete(STAGES)
+            for stage in STAGES:
+                await progress.advance(stage, shard)
+            return
         async with limit:
             for stage in STAGES:
                 if stage == "preference_trees":
@@ -155,9 +163,10 @@ async def build_collection(config: BuildConfig) -> dict:
     wanted = min(config.limit or len(pool), len(pool))
     progress = Progress(listeners=PROGRESS_LISTENERS)
     ctx = await open_context(config, store)
-    pool.prefer(complete_instructions(store, ctx.plan))
+    complete = frozenset(complete_instructions(store, ctx.plan))
+    pool.prefer(complete)
     try:
-        shards = await build_shards(ctx, pool, wanted, progress)
+        shards = await build_shards(ctx, pool, wanted, progress, complete)
     finally:
         await ctx.aclose()
     report = BuildReport.collect(config, ctx, shards, wanted, time.monotonic() - started)

@@ -29,6 +29,7 @@ from facets.llm.errors import CallError, EndpointUnreachable, MissingCredentials
 from facets.llm.journal import Journal, JournalEntry, request_key
 from facets.llm.limiter import shared_limiter
 from facets.llm.pricing import PriceTable
+from facets.llm.slots import CallSlots, connection_limit
 from facets.llm.tokens import TokenEstimator
 from facets.llm.transport import make_transport
 from facets.llm.usage import Usage
@@ -124,17 +125,6 @@ def _strict(node: Any) -> Any:
     return node
 
 
-class CallSlots:
-    """The calls one endpoint may have going: sent and unanswered (`max_in_flight`), and holding a limiter
-    reservation while they wait their turn (twice that). Reservations use estimates (a reply's length is
-    unknown until it comes); a queue of thousands reserving at once would pace them all by those first
-    guesses, so only calls near the front reserve, and the rest wait here, at no cost."""
-
-    def __init__(self, max_in_flight: int):
-        self.in_flight = asyncio.Semaphore(max_in_flight)
-        self.reserving = asyncio.Semaphore(2 * max_in_flight)
-
-
 class Gateway:
     def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
                  slots: CallSlots | None = None):
@@ -150,9 +140,10 @@ class Gateway:
         self.estimator = TokenEstimator()
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
         retries = endpoint.retries
-        self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s, endpoint.limits.max_in_flight)
+        self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s,
+                                        connection_limit(endpoint.limits))
         # gateways of one run share the slots, so max_in_flight holds per endpoint, not per gateway
-        self._slots = slots or CallSlots(endpoint.limits.max_in_flight)
+        self._slots = slots or CallSlots(endpoint.limits)
         self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)  # endpoint errors, recent calls
         self._rejected: Counter[str] = Counter()  # replies that failed their checks, all calls
         self._outcomes = 0
@@ -411,6 +402,7 @@ class Gateway:
         finally:
             self._slots.in_flight.release()
         latency = time.perf_counter() - started
+        self._slots.observe(latency)
         cost = price.cost(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens) if price else None
         self.budget.settle(held, cost or 0.0)
         limiter.observe_headers(reply.headers, reservation)

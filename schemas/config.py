@@ -33,7 +33,9 @@ class RateLimits(Config):
     tpm: float = Field(0, ge=0, description="input + output tokens per minute")
     itpm: float = Field(0, ge=0, description="input tokens per minute")
     otpm: float = Field(0, ge=0, description="output tokens per minute")
-    max_in_flight: int = Field(64, gt=0)
+    max_in_flight: int | None = Field(
+        None, gt=0, description="requests sent and unanswered at most; unset: the RPM times the latency seen, "
+                                "8 to 512 (64 with no RPM)")
     burst_s: float = Field(1.0, gt=0, description="seconds of budget that may go out at once")
 
 

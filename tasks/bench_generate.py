@@ -23,6 +23,7 @@ from typing import Any, Callable
 from facets.llm.errors import CallError
 from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal, JournalEntry, request_key
+from facets.llm.slots import connection_limit
 from facets.llm.transport import LeanTransport, Reply
 from facets.schemas import fingerprint, to_table
 from facets.schemas.config import Sampling
@@ -161,7 +162,8 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
     if spec.prompt_format == "mistral":
         await gateway.transport.close()
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
-        gateway.transport = CompletionsTransport(gateway.url, key, endpoint.retries.timeout_s, endpoint.limits.max_in_flight)
+        gateway.transport = CompletionsTransport(gateway.url, key, endpoint.retries.timeout_s,
+                                                 connection_limit(endpoint.limits))
     salt = "completions" if spec.prompt_format == "mistral" else None
     sampling = config.generation
     try:

@@ -62,6 +62,15 @@ class Shard:
         """Instructions that may still be accepted: all of them before the first stage, the accepted at the end."""
         return len(self._accepted) if self._accepted is not None else len(self.alive(self.stage_done))
 
+    def reuse_complete(self, stages: tuple[str, ...]) -> None:
+        """Every instruction is already complete under the current plan (its pair row is stored with the
+        fingerprint the plan gives it): count the rows as reused without reading them."""
+        n = len(self.instructions)
+        self.counts = {stage: StageCount(reused=n if stage in PER_INSTRUCTION else n * self.sets) for stage in stages}
+        self._accepted = list(self.instructions)
+        self.stage_done = stages[-1]
+        self.instructions = {iid: None for iid in self.instructions}
+
     def finish(self) -> None:
         """Keep what the release needs (accepted ids, fingerprints, counts) and let the texts go, so a
         build's memory is bounded by the shards in flight, not by the collection."""

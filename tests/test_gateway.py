@@ -229,6 +229,41 @@ def test_only_calls_near_the_front_hold_a_reservation(transport):
     assert max(seen) > 0
 
 
+def test_in_flight_follows_the_rpm_and_the_latency_unless_it_is_set():
+    from facets.llm.slots import ADAPTIVE_MAX, CallSlots
+
+    adaptive = CallSlots(RateLimits(rpm=12_000))  # 200/s
+    for _ in range(200):
+        adaptive.observe(0.5)
+    assert adaptive.in_flight.size == 150 and adaptive.reserving.size == 300  # 200/s x 0.5 s x 1.5
+    fixed = CallSlots(RateLimits(rpm=12_000, max_in_flight=64))
+    fixed.observe(0.5)
+    assert fixed.in_flight.size == 64
+    huge = CallSlots(RateLimits(rpm=1_000_000))
+    huge.observe(30.0)
+    assert huge.in_flight.size == ADAPTIVE_MAX
+
+
+def test_slots_grow_to_let_waiters_in_and_a_cancelled_waiter_gives_its_slot_on():
+    from facets.llm.slots import Slots
+
+    async def main():
+        slots = Slots(1)
+        await slots.acquire()
+        waiting = [asyncio.create_task(slots.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in waiting)
+        slots.resize(3)  # two more may go
+        await asyncio.sleep(0)
+        assert [t.done() for t in waiting] == [True, True, False]
+        waiting[2].cancel()
+        await asyncio.gather(waiting[2], return_exceptions=True)
+        slots.release()
+        assert slots.used == 2 and not slots._waiters
+
+    asyncio.run(main())
+
+
 # -- faults -----------------------------------------------------------------------------------
 
 
