@@ -1,0 +1,59 @@
+"""An s3:// data dir: the build flow writes its stages, journal and release to a real S3-compatible
+server (moto's, started on loopback), DuckDB queries them there, `datasets` loads the release from it,
+and a rebuild asks nothing. Requests are counted at the servers."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from facets.flows.build import build_collection
+from facets.llm.simulator import run_simulator
+from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits
+from facets.storage import Store
+from facets.storage.s3_server import S3Server, apply_env, restore_env
+from facets.storage.store import dataset_arguments
+
+NECTAR = Path(__file__).parent / "data" / "sources" / "nectar" / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server, prefect_test_harness(server_startup_timeout=120):
+        previous = apply_env(server)
+        try:
+            yield server
+        finally:
+            restore_env(previous)
+
+
+def test_a_build_on_object_storage_publishes_a_loadable_release_and_a_rebuild_asks_nothing(s3, tmp_path):
+    import datasets
+
+    bucket = s3.make_bucket("facets-build")
+    data_dir = f"{bucket}/data"
+    with run_simulator(seed=2) as sim:
+        endpoint = EndpointConfig(base_url=sim.base_url, api_key="sk-test", model="facets-sim",
+                                  limits=RateLimits(rpm=60_000))
+        config = BuildConfig(sources=[f"nectar={NECTAR}"], limit=4, shard_size=2, data_dir=data_dir,
+                             endpoint=endpoint, publish=True)
+        first = asyncio.run(build_collection(config))
+        before = sim.stats()["requests"]
+        second = asyncio.run(build_collection(config))
+        again = sim.stats()["requests"] - before
+    assert first["accepted"] == 4 and first["release"]["is_new"]
+    assert first["release"]["path"].startswith("s3://facets-build/data/releases/")
+    assert again == 0 and not second["release"]["is_new"]
+    assert s3.requests()["PUT"] > 0, "the files went to the object store"
+    assert not (tmp_path / "data").exists()
+
+    store = Store(data_dir)
+    with store.catalog() as catalog:
+        ((pairs,),) = catalog.sql("select count(*) from pairs").fetchall()
+        ((sft,),) = catalog.sql("select count(*) from release_sft").fetchall()
+    assert (pairs, sft) == (4, 12)
+    sft_rows = datasets.load_dataset("parquet", split="train",
+                                     **dataset_arguments(f"{first['release']['path']}/sft"))
+    assert len(sft_rows) == 12 and len(sft_rows[0]["preference_set"]) == 4
