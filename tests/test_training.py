@@ -83,7 +83,7 @@ def test_sft_loss_falls_on_a_repeated_batch(data_dir, model_dir, tmp_path):
     # 4 rows, 4 per step: every step sees the same batch
     small = tmp_path / "small-data"
     write_release(small, n=4)
-    result = train(config(small, model_dir, tmp_path / "out", subset="small", batch_size=4, global_batch_size=4,
+    train(config(small, model_dir, tmp_path / "out", subset="small", batch_size=4, global_batch_size=4,
                           max_steps=12, learning_rate=3e-3, lr_scheduler="constant", packing=False))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from facets.flows.commands.config_file import read_config_file
 
 SIMULATOR_MODEL = "facets-sim"
 
@@ -57,17 +58,6 @@ def load_config(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             target[key] = getattr(args, flag)
     return BenchConfig.model_validate(data)
-
-
-def read_config_file(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
 
 
 def no_endpoint(base_url: str | None = None) -> bool:

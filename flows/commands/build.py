@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from facets.flows.commands.config_file import read_config_file
 
 from facets.schemas.config import BuildConfig, RateLimits
 
@@ -51,15 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> BuildConfig:
-    data: dict = {}
-    if args.config:
-        text = args.config.read_text(encoding="utf-8")
-        if args.config.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+    data = read_config_file(args.config)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
                  "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after"):
         if getattr(args, name) is not None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from facets.flows.commands.bench import no_endpoint, prefect_environment, read_config_file, run_flow, start_simulator
+from facets.flows.commands.bench import no_endpoint, prefect_environment, run_flow, start_simulator
+from facets.flows.commands.config_file import read_config_file
 
 
 def _common(add) -> None:

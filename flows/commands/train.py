@@ -10,11 +10,12 @@ Flags left out take the method's recipe (schemas/training.py); `--config FILE` g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from facets.flows.commands.config_file import read_config_file
 
 # flag -> TrainConfig field, for the overrides a user types most
 OVERRIDES = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "batch_size": "batch_size",
@@ -53,15 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace):
     from facets.schemas.training import TrainConfig
 
-    values: dict = {}
-    if args.config:
-        text = args.config.read_text()
-        if args.config.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+    values = read_config_file(args.config)
     for name in ("release", "method", "base_model", "output_dir", "packing", "resume"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
