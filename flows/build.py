@@ -20,9 +20,9 @@ from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.errors import RunAborted
 from facets.llm.gateway import Gateway
-from facets.llm.slots import CallSlots
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
+from facets.llm.slots import CallSlots
 from facets.schemas.config import LLM_STAGES, BuildConfig
 from facets.storage import Store
 from facets.tasks import pairs, preference_sets, preference_trees, responses, system_messages
