@@ -44,13 +44,24 @@ def parse_reset(value: str | None) -> float | None:
 class Bucket:
     """A token bucket whose level may go negative: the debt is what later callers wait for."""
 
-    __slots__ = ("rate", "capacity", "level", "stamp")
+    __slots__ = ("per_minute", "burst_s", "rate", "capacity", "level", "stamp")
 
     def __init__(self, per_minute: float, burst_s: float, now: float):
+        self.per_minute, self.burst_s = per_minute, burst_s
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate * burst_s)
         self.level = self.capacity
         self.stamp = now
+
+    def scale(self, share: float, now: float) -> None:
+        """Pace at `share` of the configured limit (this process's part of a limit shared by several)."""
+        self.refill(now)
+        rate = self.per_minute * share / 60.0
+        if self.level < 0 and rate > 0:  # calls already queued keep their times: later ones wait for them
+            self.level *= self.rate / rate  # at the new rate, so the debt lasts as long as it now should
+        self.rate = rate
+        self.capacity = max(1.0, self.rate * self.burst_s)
+        self.level = min(self.level, self.capacity)
 
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
@@ -83,6 +94,7 @@ class Limiter:
         self.input = Bucket(limits.itpm, limits.burst_s, now) if limits.itpm else None
         self.output = Bucket(limits.otpm, limits.burst_s, now) if limits.otpm else None
         self.factor = 1.0
+        self.share = None  # a LimitShare when the limits are split across processes
         # output tokens reserved by calls not answered yet: the server charges them only when it replies
         self.outstanding_output = 0.0
         self.paused_until = 0.0
@@ -99,6 +111,23 @@ class Limiter:
             wait = max(wait, self.paused_until - now)
             self.outstanding_output += output_tokens
         return Reservation(input_tokens, output_tokens), wait
+
+    def set_share(self, share: float) -> None:
+        with self._lock:
+            now = self.clock()
+            for bucket in (self.requests, self.tokens, self.input, self.output):
+                if bucket is not None:
+                    bucket.scale(share, now)
+
+    def hold(self, seconds: float) -> None:
+        """Send nothing for `seconds`, then pace from an empty bucket: a debt, not a pause, so the calls
+        that queue meanwhile leave one by one at the rate, never as one burst when it ends."""
+        with self._lock:
+            now = self.clock()
+            for bucket in (self.requests, self.tokens, self.input, self.output):
+                if bucket is not None:
+                    bucket.refill(now)
+                    bucket.level = min(bucket.level, 0.0) - bucket.rate * seconds
 
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())
@@ -173,9 +202,18 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_limiter(endpoint: str, model: str, limits: RateLimits) -> Limiter:
-    """One limiter per (endpoint, model) per process, shared by every gateway that calls it."""
+    """One limiter per (endpoint, model) per process, shared by every gateway that calls it; with
+    `limits.share_via`, one limit split across the processes that call it (llm/limit_share.py)."""
     with _SHARED_LOCK:
         limiter = _SHARED.get((endpoint, model))
         if limiter is None or limiter.limits != limits:
+            if limiter is not None and limiter.share is not None:
+                limiter.share.close()
             limiter = _SHARED[(endpoint, model)] = Limiter(limits)
+            if limits.share_via:
+                from facets.llm.limit_share import BEAT_S, LimitShare
+
+                limiter.share = LimitShare(limits.share_via, f"{endpoint}|{model}", limiter.set_share)
+                if limiter.share.members > 1:  # the others lower their share at their next beat
+                    limiter.hold(1.5 * BEAT_S)
         return limiter

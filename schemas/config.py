@@ -37,6 +37,9 @@ class RateLimits(Config):
         None, gt=0, description="requests sent and unanswered at most; unset: the RPM times the latency seen, "
                                 "8 to 512 (64 with no RPM)")
     burst_s: float = Field(1.0, gt=0, description="seconds of budget that may go out at once")
+    share_via: str | None = Field(
+        None, description="redis://HOST:PORT/DB: the processes calling this endpoint split these limits "
+                          "evenly, re-balanced as they come and go (many workers, one budget)")
 
 
 class Retries(Config):

@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--rpm", type=float, help="the endpoint's requests per minute")
     add("--tpm", type=float, help="the endpoint's tokens per minute")
     add("--max-in-flight", type=int, help="concurrent requests at most")
+    add("--share-limits", dest="share_via", metavar="REDIS_URL",
+        help="split --rpm/--tpm evenly with the other processes calling this endpoint (redis://HOST:6379/0)")
     add("--max-cost", type=float, help="hard spend cap in USD; the build stops before it would pass it")
     add("--mode", choices=["online", "batch"], help="online calls, or the OpenAI Batch API at half price")
     add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
@@ -60,7 +62,8 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
     endpoint = data.setdefault("endpoint", {})
     limits = endpoint.setdefault("limits", {})
     for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
-                              ("tpm", limits, "tpm"), ("max_in_flight", limits, "max_in_flight")):
+                              ("tpm", limits, "tpm"), ("max_in_flight", limits, "max_in_flight"),
+                              ("share_via", limits, "share_via")):
         if getattr(args, flag) is not None:
             target[key] = getattr(args, flag)
     return BuildConfig.model_validate(data)
