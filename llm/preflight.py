@@ -12,10 +12,23 @@ from facets.llm.gateway import SIMULATOR_HINT
 from facets.schemas.config import EndpointConfig
 
 
+def check_share(url: str) -> None:
+    """The Redis that splits the limits among workers answers, or nothing is sent."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=5).ping()
+    except (redis.exceptions.RedisError, ValueError) as exc:
+        raise FatalEndpointError(f"share_via: no Redis answers at {url} ({exc}); the workers could not "
+                                 "share the endpoint's limits, so nothing was sent") from None
+
+
 async def check_endpoint(endpoint: EndpointConfig, models: list[str]) -> list[str] | None:
     """The models the endpoint lists (None when it lists none); raises `RunAborted` subclasses."""
     if endpoint.api_key is None and endpoint.base_url is None:
         raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
+    if endpoint.limits.share_via:
+        check_share(endpoint.limits.share_via)
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
     client = openai.AsyncOpenAI(base_url=endpoint.url, api_key=key, max_retries=2, timeout=min(30.0, endpoint.retries.timeout_s))
     try:

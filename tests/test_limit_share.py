@@ -78,3 +78,16 @@ def test_two_workers_together_keep_to_one_rpm():
         assert max_in_window(shared, window) <= rate * (window + 0.5 + 0.5), window
     assert max_in_window(alone, 4.0) > rate * (4.0 + 0.5 + 0.5), "unshared, the two would pass it: the check can fail"
     assert shared[-1] - shared[0] >= (len(shared) - 2 * rate * 0.5) / rate * 0.9
+
+
+def test_an_unreachable_redis_is_refused_in_preflight_before_any_call():
+    import asyncio
+
+    from facets.llm.errors import FatalEndpointError
+    from facets.llm.preflight import check_endpoint
+    from facets.schemas.config import EndpointConfig, RateLimits
+
+    config = EndpointConfig(base_url="http://127.0.0.1:9/v1", api_key="k",
+                            limits=RateLimits(share_via="redis://127.0.0.1:9/0"))
+    with pytest.raises(FatalEndpointError, match="no Redis answers"):
+        asyncio.run(check_endpoint(config, ["m"]))
