@@ -116,7 +116,7 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
                         await stage_task(stage, ctx, shard)
                 else:
                     await stage_task(stage, ctx, shard)
-                shard.stage_done = stage
+                shard.stage_done(stage)
                 await progress.advance(stage, shard)
                 top_up()
         shard.finish()

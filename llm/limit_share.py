@@ -3,8 +3,8 @@
 Each process that paces calls to an (endpoint, model) registers itself in a Redis sorted set and beats
 every second; members that missed three beats are dropped. With n live members each paces at 1/n of the
 configured RPM and TPM. No round trip per call (DESIGN decision 14): one small request a second.
-A process that joins pauses its calls for one beat before the first goes out, so that the others have
-lowered their share before it takes its own, and a 60 s window never holds more than the limit.
+A process that joins starts from an empty bucket in debt for 1.5 beats (`Limiter.hold`), so that the
+others have lowered their share before its first call, and a 60 s window never holds more than the limit.
 """
 from __future__ import annotations
 

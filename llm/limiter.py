@@ -112,22 +112,23 @@ class Limiter:
             self.outstanding_output += output_tokens
         return Reservation(input_tokens, output_tokens), wait
 
+    def _buckets(self) -> list[Bucket]:
+        return [b for b in (self.requests, self.tokens, self.input, self.output) if b is not None]
+
     def set_share(self, share: float) -> None:
         with self._lock:
             now = self.clock()
-            for bucket in (self.requests, self.tokens, self.input, self.output):
-                if bucket is not None:
-                    bucket.scale(share, now)
+            for bucket in self._buckets():
+                bucket.scale(share, now)
 
     def hold(self, seconds: float) -> None:
         """Send nothing for `seconds`, then pace from an empty bucket: a debt, not a pause, so the calls
         that queue meanwhile leave one by one at the rate, never as one burst when it ends."""
         with self._lock:
             now = self.clock()
-            for bucket in (self.requests, self.tokens, self.input, self.output):
-                if bucket is not None:
-                    bucket.refill(now)
-                    bucket.level = min(bucket.level, 0.0) - bucket.rate * seconds
+            for bucket in self._buckets():
+                bucket.refill(now)
+                bucket.level = min(bucket.level, 0.0) - bucket.rate * seconds
 
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())

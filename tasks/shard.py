@@ -44,7 +44,7 @@ class Shard:
         self.counts: dict[str, StageCount] = {}
         self.failures: Counter[str] = Counter()
         self._accepted: list[str] | None = None
-        self.stage_done: str | None = None  # the last stage this shard went through
+        self._alive = len(instructions)  # instructions that came through the last stage done
 
     def alive(self, stage: str | None) -> list[str]:
         """Instructions that have every row of `stage` (all of them when `stage` is None)."""
@@ -58,9 +58,12 @@ class Shard:
         """Instructions with a tree, all sets, system messages and responses, and a pair (decision 8)."""
         return self._accepted if self._accepted is not None else self.alive("pairs")
 
+    def stage_done(self, stage: str) -> None:
+        self._alive = len(self.alive(stage))
+
     def expected(self) -> int:
         """Instructions that may still be accepted: all of them before the first stage, the accepted at the end."""
-        return len(self._accepted) if self._accepted is not None else len(self.alive(self.stage_done))
+        return len(self._accepted) if self._accepted is not None else self._alive
 
     def reuse_complete(self, stages: tuple[str, ...]) -> None:
         """Every instruction is already complete under the current plan (its pair row is stored with the
@@ -68,7 +71,6 @@ class Shard:
         n = len(self.instructions)
         self.counts = {stage: StageCount(reused=n if stage in PER_INSTRUCTION else n * self.sets) for stage in stages}
         self._accepted = list(self.instructions)
-        self.stage_done = stages[-1]
         self.instructions = {iid: None for iid in self.instructions}
 
     def finish(self) -> None:

@@ -78,7 +78,7 @@ def check_layout(files: list[Path], method: str) -> int:
 
 def check_base_model(base_model: str) -> None:
     """A path-like base model must exist; a hub id is left to `from_pretrained` (and its cache)."""
-    looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or os.sep in base_model[:1]
+    looks_like_path = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1
     path = Path(base_model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
