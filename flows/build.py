@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prefect import flow, get_run_logger, task
+from prefect import runtime
 from prefect.cache_policies import NO_CACHE
 
 from facets.llm.batch import BatchRunner
@@ -23,10 +24,13 @@ from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
 from facets.llm.slots import CallSlots
+from facets.llm.usage import merge_usage
 from facets.schemas.config import LLM_STAGES, BuildConfig
 from facets.storage import Store
 from facets.tasks import pairs, preference_sets, preference_trees, responses, system_messages
+from facets.flows.dispatch import ShardDispatch, cancel_shard_runs
 from facets.flows.report import BuildReport, Progress, publish_artifacts
+from facets.schemas.shards import ShardSpec
 from facets.tasks.context import BuildContext
 from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
 from facets.tasks.selection import Pool, complete_instructions
@@ -70,10 +74,11 @@ def load_templates(config: BuildConfig) -> dict:
     }
 
 
-async def open_context(config: BuildConfig, store: Store) -> BuildContext:
+async def open_context(config: BuildConfig, store: Store, preflight: bool = True) -> BuildContext:
     """Checks the endpoint and prices, then one gateway per LLM stage over one journal and one budget."""
     models = sorted({config.model_of(stage) for stage in LLM_STAGES})
-    await check_endpoint(config.endpoint, models)
+    if preflight:
+        await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir)
     budget = Budget(config.endpoint.max_cost)
     slots = CallSlots(config.endpoint.limits)
@@ -87,21 +92,36 @@ async def open_context(config: BuildConfig, store: Store) -> BuildContext:
     return BuildContext(config, store, load_templates(config), gateways, batches)
 
 
+async def run_stages(ctx: BuildContext, shard: Shard, tree_slots: asyncio.Semaphore | None = None,
+                     after_stage: Callable[[str], Awaitable[None]] | None = None) -> None:
+    """One shard through every stage in order, one Prefect task run per stage."""
+    stage_task = run_stage.with_options(retries=ctx.config.shard_retries, retry_condition_fn=retry_unless_aborted)
+    for stage in STAGES:
+        if stage == "preference_trees" and tree_slots is not None:
+            async with tree_slots:
+                await stage_task(stage, ctx, shard)
+        else:
+            await stage_task(stage, ctx, shard)
+        shard.stage_done(stage)
+        if after_stage is not None:
+            await after_stage(stage)
+
+
 async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress,
-                       complete: frozenset[str] = frozenset()) -> list[Shard]:
+                       complete: frozenset[str] = frozenset(), dispatch: ShardDispatch | None = None) -> list[Shard]:
     """Draws instructions in seeded order until `wanted` are accepted or the pool runs out (decision 8).
 
     Replacements are drawn as soon as a stage drops instructions, while the other shards run, so the
     build never ends with a second round for the failed few. Few shards make trees at once
     (`max_tree_shards`): tree calls are token-heavy and the later stages request-heavy, and a pipeline
     of shards in different stages keeps both the endpoint's RPM and its TPM busy. A shard whose
-    instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows."""
+    instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows.
+    With `dispatch`, each shard runs as a flow run on the shard deployment's pool instead."""
     config = ctx.config
     shards: list[Shard] = []
     running: set[asyncio.Task] = set()
     limit = asyncio.Semaphore(config.max_concurrent_shards)
     tree_slots = asyncio.Semaphore(config.max_tree_shards)
-    stage_task = run_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
 
     async def one(shard: Shard) -> None:
         if shard.instructions.keys() <= complete:
@@ -110,16 +130,18 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
                 await progress.advance(stage, shard)
             return
         async with limit:
-            for stage in STAGES:
-                if stage == "preference_trees":
-                    async with tree_slots:
-                        await stage_task(stage, ctx, shard)
-                else:
-                    await stage_task(stage, ctx, shard)
-                shard.stage_done(stage)
-                await progress.advance(stage, shard)
-                top_up()
-        shard.finish()
+            if dispatch is None:
+                await run_stages(ctx, shard, tree_slots, after_stage=lambda stage: advance(stage, shard))
+                shard.finish()
+            else:
+                shard.apply(await dispatch.run(ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi,
+                                                         ids=list(shard.instructions))))
+                for stage in STAGES:
+                    await advance(stage, shard)
+
+    async def advance(stage: str, shard: Shard) -> None:
+        await progress.advance(stage, shard)
+        top_up()
 
     def top_up() -> None:
         short = wanted - sum(s.expected() for s in shards)
@@ -147,7 +169,14 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     return shards
 
 
-@flow(name="build-collection", log_prints=True, persist_result=False)
+async def cancel_shards_of(flow, flow_run, state) -> None:
+    """on_cancellation: a build cancelled from the UI cancels the shard runs it started."""
+    cancelled = await cancel_shard_runs(str(flow_run.id))
+    if cancelled:
+        get_run_logger().info("cancelled %d shard runs of this build", cancelled)
+
+
+@flow(name="build-collection", log_prints=True, persist_result=False, on_cancellation=[cancel_shards_of])
 async def build_collection(config: BuildConfig) -> dict:
     """Build (or incrementally rebuild) the Multifaceted Collection and publish a release when it changed."""
     started = time.monotonic()
@@ -156,7 +185,9 @@ async def build_collection(config: BuildConfig) -> dict:
     if config.sources:
         logger.info("ingested:\n%s", ingest_sources(config))
     if config.train_after:
-        await check_train_deployment(config.train.deployment)
+        await check_deployment(config.train.deployment, "train_after")
+    if config.shard_deployment:
+        await check_deployment(config.shard_deployment, "shard_deployment")
     pool = Pool(store, config.seed)
     if not len(pool):
         raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
@@ -165,11 +196,19 @@ async def build_collection(config: BuildConfig) -> dict:
     ctx = await open_context(config, store)
     complete = frozenset(complete_instructions(store, ctx.plan))
     pool.prefer(complete)
+    dispatch = ShardDispatch(config, store, str(runtime.flow_run.id)) if config.shard_deployment else None
     try:
-        shards = await build_shards(ctx, pool, wanted, progress, complete)
+        shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
+    except BaseException:
+        if dispatch is not None:
+            await dispatch.cancel_outstanding()
+        raise
     finally:
         await ctx.aclose()
-    report = BuildReport.collect(config, ctx, shards, wanted, time.monotonic() - started)
+    usage = ({stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()} if dispatch is None
+             else merge_usage(dispatch.usage))
+    report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
+    report.reruns = dispatch.crashed if dispatch is not None else 0
     if report.accepted < wanted:
         logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in %s/failures",
                        report.accepted, wanted, config.data_dir)
@@ -186,8 +225,8 @@ async def build_collection(config: BuildConfig) -> dict:
     return report.model_dump(mode="json")
 
 
-async def check_train_deployment(name: str) -> None:
-    """`train_after` needs the train deployment on the server: found out before any paid call."""
+async def check_deployment(name: str, field: str) -> None:
+    """`train_after` and `shard_deployment` need their deployment on the server: found out before any paid call."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -195,7 +234,7 @@ async def check_train_deployment(name: str) -> None:
         try:
             await client.read_deployment_by_name(name)
         except ObjectNotFound:
-            raise ValueError(f"train_after: the server has no deployment {name}; apply prefect.yaml "
+            raise ValueError(f"{field}: the server has no deployment {name}; apply prefect.yaml "
                              "(`facets server` does, or `prefect --no-prompt deploy --all`)") from None
 
 
@@ -216,7 +255,7 @@ def publish(ctx: BuildContext, shards: list[Shard], report: BuildReport) -> dict
     info = ReleaseInfo(
         models={stage: ctx.config.model_of(stage) for stage in LLM_STAGES},
         prompt_versions={name: t.version for name, t in ctx.templates.items()},
-        usage={stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()},
+        usage=report.usage,
         build_seconds=report.seconds, seed=ctx.config.seed,
         config=ctx.config.model_dump(mode="json", exclude={"endpoint": {"api_key"}}),
     )

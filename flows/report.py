@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from facets.schemas.config import BuildConfig
 from facets.tasks.plan import STAGES
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,11 @@ class BuildReport(BaseModel):
     failures: dict[str, int]
     usage: dict[str, dict[str, Any]]
     seconds: float
+    reruns: int = 0  # shard runs started again because their worker died (shard_deployment)
     release: dict[str, Any] | None = None
 
     @classmethod
-    def collect(cls, config: BuildConfig, ctx, shards: list, wanted: int, seconds: float) -> "BuildReport":
+    def collect(cls, shards: list, usage: dict[str, dict[str, Any]], wanted: int, seconds: float) -> "BuildReport":
         stages = {stage: Counter() for stage in STAGES}
         for shard in shards:
             for stage, count in shard.counts.items():
@@ -82,8 +82,7 @@ class BuildReport(BaseModel):
             drawn=sum(len(s.instructions) for s in shards), shards=len(shards),
             stages={stage: {k: c[k] for k in ("reused", "made", "failed")} for stage, c in stages.items()},
             failures=dict(failures.most_common()),
-            usage={stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()},
-            seconds=round(seconds, 3),
+            usage=usage, seconds=round(seconds, 3),
         )
 
     @property
@@ -118,6 +117,8 @@ class BuildReport(BaseModel):
         rate = self.requests / self.seconds if self.seconds else 0.0
         lines.append(f"accepted {self.accepted} of {self.wanted} wanted ({self.drawn} drawn, {self.shards} shards) "
                      f"in {self.seconds:.1f}s; {self.requests} requests ({rate:.1f}/s), cost {cost}")
+        if self.reruns:
+            lines.append(f"{self.reruns} shard runs crashed (their worker died) and ran again")
         if self.failures:
             lines.append("failures: " + ", ".join(f"{reason} x{n}" for reason, n in self.failures.items()))
         if self.release:

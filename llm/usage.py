@@ -72,3 +72,23 @@ class Usage:
             "latency_p50_s": self.percentile(0.5),
             "latency_p95_s": self.percentile(0.95),
         }
+
+
+def merge_usage(parts: list[dict[str, dict[str, object]]]) -> dict[str, dict[str, object]]:
+    """Per-stage summaries of several processes added up (latency percentiles do not add: they are dropped)."""
+    merged: dict[str, dict[str, object]] = {}
+    for part in parts:
+        for stage, summary in part.items():
+            total = merged.setdefault(stage, {"cost_usd": 0.0})
+            for name, value in summary.items():
+                if name.startswith("latency_"):
+                    continue
+                if name == "cost_usd":
+                    total[name] = None if value is None or total[name] is None else round(total[name] + value, 6)
+                elif isinstance(value, dict):
+                    counts = Counter(total.get(name) or {})
+                    counts.update(value)
+                    total[name] = dict(counts)
+                else:
+                    total[name] = total.get(name, 0) + value
+    return merged

@@ -136,7 +136,12 @@ class BuildConfig(Config):
     max_concurrent_shards: int = Field(8, gt=0)
     max_tree_shards: int = Field(1, gt=0, description="shards making preference trees at once; the others go on "
                                                      "with later stages, so token-heavy and request-heavy calls mix")
-    shard_retries: int = Field(2, ge=0, description="Prefect retries of a crashed (stage, shard) task")
+    shard_retries: int = Field(2, ge=0, description="Prefect retries of a crashed (stage, shard) task; with "
+                                                   "shard_deployment, also new runs of a shard whose worker died")
+    shard_deployment: str | None = Field(
+        None, description="FLOW/DEPLOYMENT of the build-shard flow (build-shard/default): every shard runs as a "
+                          "flow run of it, taken by the workers of its pool, so many machines share one build "
+                          "(the data dir must be one they all reach, e.g. s3://). Unset: shards run in this process")
     stages: dict[LLMStage, StageSettings] = Field(default_factory=_default_stages)
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     mode: Literal["online", "batch"] = "online"
@@ -151,6 +156,8 @@ class BuildConfig(Config):
 
     @model_validator(mode="after")
     def _every_stage(self) -> "BuildConfig":
+        if self.shard_deployment is not None and "/" not in self.shard_deployment:
+            raise ValueError(f"shard_deployment must be FLOW/DEPLOYMENT, not {self.shard_deployment!r}")
         defaults = _default_stages()
         self.stages = {name: self.stages.get(name, defaults[name]) for name in LLM_STAGES}
         return self

@@ -92,6 +92,20 @@ class Store:
             self.fs.pipe_file(path, buffer.getvalue())
         return path
 
+    def write_text(self, text: str, *parts: str) -> str:
+        """A small text file (a summary, a pointer) replaced whole: a rename locally, one PUT remotely."""
+        path = self.path(*parts)
+        directory = path.rsplit("/", 1)[0]
+        self.fs.makedirs(directory, exist_ok=True)
+        if self.is_local:
+            temporary = f"{directory}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(temporary, path)
+        else:
+            self.fs.pipe_file(path, text.encode())
+        return path
+
     # -- reading -------------------------------------------------------------------------------
     def files(self, table: str) -> list[str]:
         return self.parquet_files(self.table_dir(table))

@@ -43,16 +43,20 @@ class Pool:
         return self.load(chosen)
 
     def load(self, ids: list[str]) -> list[Instruction]:
-        files = self.store.files(STAGE)
-        if not ids or not files:
-            return []
-        table = ds.dataset(files, format="parquet", filesystem=self.store.fs).to_table(filter=ds.field("id").isin(ids))
-        # one row per id: ingest never writes an id twice, but two concurrent ingests might
-        ids_column = table.column("id").combine_chunks()
-        first = pc.index_in(ids_column, value_set=ids_column)
-        table = table.take(sorted(set(first.to_pylist())))
-        return list(from_table(table, Instruction))
+        return load_instructions(self.store, ids)
 
+
+def load_instructions(store: Store, ids: list[str]) -> list[Instruction]:
+    """The stored instructions of these ids, one each."""
+    files = store.files(STAGE)
+    if not ids or not files:
+        return []
+    table = ds.dataset(files, format="parquet", filesystem=store.fs).to_table(filter=ds.field("id").isin(ids))
+    # one row per id: ingest never writes an id twice, but two concurrent ingests might
+    ids_column = table.column("id").combine_chunks()
+    first = pc.index_in(ids_column, value_set=ids_column)
+    table = table.take(sorted(set(first.to_pylist())))
+    return list(from_table(table, Instruction))
 
 
 def complete_instructions(store: Store, plan: StagePlan) -> set[str]:

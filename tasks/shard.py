@@ -14,6 +14,7 @@ import pyarrow.dataset as ds
 from pydantic import BaseModel
 
 from facets.schemas import Failure, Instruction, from_table
+from facets.schemas.shards import ShardSummary
 from facets.storage import Store
 from facets.storage.stages import model_of
 from facets.tasks.plan import Fingerprints
@@ -71,6 +72,17 @@ class Shard:
         n = len(self.instructions)
         self.counts = {stage: StageCount(reused=n if stage in PER_INSTRUCTION else n * self.sets) for stage in stages}
         self._accepted = list(self.instructions)
+        self.instructions = {iid: None for iid in self.instructions}
+
+    def summary(self, **fields) -> ShardSummary:
+        return ShardSummary(name=self.name, accepted=self.accepted(), failures=dict(self.failures),
+                            counts={stage: count.as_dict() for stage, count in self.counts.items()}, **fields)
+
+    def apply(self, summary: ShardSummary) -> None:
+        """Take the outcome of a run of this shard on another worker."""
+        self.counts = {stage: StageCount(**count) for stage, count in summary.counts.items()}
+        self.failures = Counter(summary.failures)
+        self._accepted = list(summary.accepted)
         self.instructions = {iid: None for iid in self.instructions}
 
     def finish(self) -> None:

@@ -66,8 +66,9 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
 
     for spec in prefect_yaml()["deployments"]:
         flow = load_flow_from_entrypoint(spec["entrypoint"])
-        assert flow.name in {"build-collection", "train", "evaluate"}
-        flow.validate_parameters(spec.get("parameters") or {})
+        assert flow.name in {"build-collection", "build-shard", "train", "evaluate"}
+        if flow.name != "build-shard":  # its build passes all its parameters
+            flow.validate_parameters(spec.get("parameters") or {})
     build = deployment()
     flow = load_flow_from_entrypoint(build["entrypoint"])
     assert flow.name == "build-collection"
@@ -75,6 +76,11 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
     assert config.data_dir == "data" and config.publish and config.endpoint.max_cost
     assert set(build["parameters"]) == {"config"}
     assert not config.train_after and config.train.deployment == "train/sft"
+    # the build spreads its shards over the cpu pool's workers, as runs of a deployment that exists
+    shard = deployment("default")
+    assert config.shard_deployment == "build-shard/default"
+    assert load_flow_from_entrypoint(shard["entrypoint"]).name == "build-shard"
+    assert shard["work_pool"]["name"] == "cpu" and not shard.get("schedules") and not shard.get("parameters")
 
 
 def test_train_deployments_run_on_the_gpu_pool_and_cover_the_three_methods():
@@ -154,7 +160,7 @@ def test_compose_server_is_postgres_backed_and_workers_wait_for_it():
     assert "prefect --no-prompt deploy --all" in " ".join(services["deployments"]["command"])
     for name, service in services.items():
         telemetry = service.get("environment") or {}
-        if name != "postgres":
+        if name not in ("postgres", "redis"):
             assert telemetry.get("PREFECT_SERVER_ANALYTICS_ENABLED") == "false", name
             assert telemetry.get("DO_NOT_TRACK") == "1", name
             assert telemetry.get("PREFECT_API_URL", "http://prefect-server:4200/api") == "http://prefect-server:4200/api"
@@ -174,6 +180,12 @@ def test_compose_workers_scale_share_data_and_the_gpu_worker_reserves_gpus():
         assert "data:/opt/facets/data" in service["volumes"]
         assert {"OPENAI_API_KEY", "OPENAI_BASE_URL", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL"} <= set(service["environment"])
     assert "data" in spec["volumes"]
+    # a worker's runs beat, and the server crashes a run whose beats stop, so a dead worker's shard runs again
+    assert worker["environment"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert "python -m facets.flows.automations" in " ".join(services["deployments"]["command"])
+    redis = services["redis"]
+    assert not redis.get("ports") and redis["healthcheck"]["test"][0] == "CMD"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_dockerfile_builds_the_package_from_files_that_exist():

@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--max-in-flight", type=int, help="concurrent requests at most")
     add("--share-limits", dest="share_via", metavar="REDIS_URL",
         help="split --rpm/--tpm evenly with the other processes calling this endpoint (redis://HOST:6379/0)")
+    add("--shard-deployment", metavar="FLOW/DEPLOYMENT",
+        help="run every shard as a flow run of this deployment (build-shard/default) on its pool's workers, "
+             "on the Prefect server PREFECT_API_URL names; the data dir must be one they share (s3://...)")
     add("--max-cost", type=float, help="hard spend cap in USD; the build stops before it would pass it")
     add("--mode", choices=["online", "batch"], help="online calls, or the OpenAI Batch API at half price")
     add("--templates-dir", help="a directory whose <stage>.txt files replace the bundled prompt templates")
@@ -56,7 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace) -> BuildConfig:
     data = read_config_file(args.config)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
-                 "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after"):
+                 "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after",
+                 "shard_deployment"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     endpoint = data.setdefault("endpoint", {})

@@ -10,8 +10,10 @@ What it does, in order:
    PREFECT_HOME. PostgreSQL: `postgresql+asyncpg://USER[:PASSWORD]@HOST:5432/DATABASE` (the database
    must exist; Prefect creates its tables). It waits for `/api/health`.
 2. creates the work pools `prefect.yaml` names (type `process`) and starts `prefect worker start --pool
-   POOL` for each, with FACETS_HOME set to the project directory (relative paths in the parameters
-   resolve against it, see prefect.yaml).
+   POOL` for each (`--workers N`: N for the cpu pool, which share the shards of a build), with FACETS_HOME
+   set to the project directory (relative paths in the parameters resolve against it, see prefect.yaml)
+   and flow run heartbeats every 30 s; it creates the automations that mark a run Crashed when its
+   worker is gone (flows/automations.py), so a build starts again the shards of a worker that died.
 3. applies prefect.yaml the way a user would: `prefect --no-prompt deploy --all`, from the project
    directory.
 4. prints the PREFECT_API_URL to export and the run command, then waits. Ctrl-C or SIGTERM stops the
@@ -44,12 +46,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from facets.flows.automations import HEARTBEAT_S, START_WITHIN_S, ZOMBIE_AFTER_S
+
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 # The line that says the stack is up; a parent process can wait for it (and read the URL from it).
 READY = "export PREFECT_API_URL="
 SIMULATOR_MODEL = "facets-sim"
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+WORKER_LIMIT = 4  # a process worker otherwise takes every scheduled run it sees, the shards of the others too
 
 
 class StackError(RuntimeError):
@@ -66,6 +71,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                          "checkout facets is installed from)")
     add("--pool", action="append", dest="pools", metavar="NAME",
         help="start a worker for this work pool only (repeatable; default: every pool prefect.yaml names)")
+    add("--workers", type=int, default=1, metavar="N",
+        help="workers for the cpu pool (default 1); the gpu pool gets one")
+    add("--worker-limit", type=int, default=WORKER_LIMIT, metavar="N",
+        help=f"flow runs a worker runs at once (default {WORKER_LIMIT}): a worker takes no more shards than this, "
+             "so the others get theirs")
+    add("--zombie-after", type=float, default=ZOMBIE_AFTER_S, metavar="SECONDS",
+        help=f"a run with no heartbeat this long is marked Crashed (default {ZOMBIE_AFTER_S})")
     add("--no-deploy", dest="deploy", action="store_false", help="start the server and workers, apply nothing")
     add("--simulate", action="store_true",
         help="point the workers at a loopback simulator it starts (simulated text, no key needed)")
@@ -79,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"facets server: {exc}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("facets server: --workers must be at least 1", file=sys.stderr)
+        return 2
     stack = LocalPrefect(project_dir, port=args.port, database_url=args.database_url, pools=args.pools,
+                         cpu_workers=args.workers, worker_limit=args.worker_limit,
+                         zombie_after_s=args.zombie_after,
                          deploy=args.deploy, simulate=args.simulate, log_dir=args.log_dir,
                          startup_timeout_s=args.startup_timeout)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -223,12 +240,18 @@ class LocalPrefect:
     """A Prefect server on loopback, the project's deployments and a worker per work pool."""
 
     def __init__(self, project_dir: Path, port: int = DEFAULT_PORT, database_url: str | None = None,
-                 pools: list[str] | None = None, deploy: bool = True, simulate: bool = False,
+                 pools: list[str] | None = None, cpu_workers: int = 1, worker_limit: int = WORKER_LIMIT,
+                 zombie_after_s: float = ZOMBIE_AFTER_S,
+                 start_within_s: float = START_WITHIN_S,
+                 deploy: bool = True, simulate: bool = False,
                  log_dir: Path | None = None, env: dict[str, str] | None = None, startup_timeout_s: float = 180.0):
         self.project_dir = Path(project_dir).resolve()
         self.port = port or free_port()
         self.database_url = database_url or (env or os.environ).get("PREFECT_API_DATABASE_CONNECTION_URL") or None
         self.pools = list(pools) if pools else deployment_pools(self.project_dir) or ["cpu"]
+        self.cpu_workers, self.worker_limit = cpu_workers, worker_limit
+        self.zombie_after_s = zombie_after_s
+        self.start_within_s = start_within_s
         self.deploy_all = deploy
         self.simulate = simulate
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="facets-server-"))
@@ -253,7 +276,7 @@ class LocalPrefect:
 
     def env(self) -> dict[str, str]:
         env = {**self.base_env, **QUIET_ENV, "PREFECT_API_URL": self.api_url, "FACETS_HOME": str(self.project_dir),
-               "PREFECT_CLI_PROMPT": "false"}
+               "PREFECT_CLI_PROMPT": "false", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         if self.simulator is not None:
@@ -283,9 +306,8 @@ class LocalPrefect:
             asyncio.run(self._create_pools())
             # The workers start while the deployments are applied: neither needs the other.
             for pool in self.pools:
-                self.workers.append(Child(f"the worker of pool {pool!r}", [
-                    *_prefect_command(), "worker", "start", "--pool", pool, "--type", "process",
-                    "--name", f"{pool}-{socket.gethostname()}-{os.getpid()}"], self.env(), self.project_dir))
+                for n in range(self.cpu_workers if pool == "cpu" else 1):
+                    self.start_worker(pool, n)
             if self.deploy_all:
                 self._deploy()
                 self.deployments = asyncio.run(self._deployment_names())
@@ -296,6 +318,14 @@ class LocalPrefect:
             self.stop()
             raise
         return self
+
+    def start_worker(self, pool: str, n: int = 0) -> Child:
+        worker = Child(f"worker {n} of pool {pool!r}", [
+            *_prefect_command(), "worker", "start", "--pool", pool, "--type", "process",
+            "--limit", str(self.worker_limit), "--name", f"{pool}-{n}-{socket.gethostname()}-{os.getpid()}"],
+            self.env(), self.project_dir)
+        self.workers.append(worker)
+        return worker
 
     def stop(self) -> None:
         for worker in self.workers:
@@ -353,6 +383,7 @@ class LocalPrefect:
         return PrefectClient(self.api_url)
 
     async def _create_pools(self) -> None:
+        from facets.flows.automations import ensure_zombie_automations
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectNotFound
         from prefect.workers.process import ProcessWorker
@@ -365,6 +396,7 @@ class LocalPrefect:
                 except ObjectNotFound:
                     await client.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                                                  base_job_template=template))
+        await ensure_zombie_automations(self.api_url, self.zombie_after_s, self.start_within_s)
 
     def _deploy(self) -> None:
         command = [*_prefect_command(), "--no-prompt", "deploy", "--all"]
@@ -389,7 +421,8 @@ class LocalPrefect:
         lines = [
             f"Prefect server at {self.url} (UI and API), database: {database}",
             f"  server log: {self.server_log}",
-            f"workers polling: {', '.join(self.pools)}; their runs resolve relative paths against {self.project_dir}",
+            f"workers polling: {', '.join(self.pools)} ({self.cpu_workers} for cpu); their runs resolve relative "
+            f"paths against {self.project_dir}",
             f"  endpoint of the runs: {endpoint}",
         ]
         if self.deployments:

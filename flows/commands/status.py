@@ -1,18 +1,26 @@
-"""`facets status`: per stage, the instructions done and missing, and failures by reason."""
+"""`facets status`: per stage, the instructions done and missing, and failures by reason; with `--shards`,
+the state of every shard run of a build spread over workers (the Prefect server PREFECT_API_URL names)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from facets.storage.stages import STAGE_MODELS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="data directory (default ./data)")
+    parser.add_argument("--shards", action="store_true",
+                        help="per shard run of the newest build-collection run (or --build): state, worker, "
+                             "instructions accepted; needs PREFECT_API_URL")
+    parser.add_argument("--build", metavar="FLOW_RUN_ID", help="a build-collection flow run (implies --shards)")
 
 
 def run(args: argparse.Namespace) -> int:
     from facets.storage import Store
 
+    if args.shards or args.build:
+        return asyncio.run(print_shard_runs(Store(args.data_dir), args.build))
     with Store(args.data_dir).catalog() as catalog:
         total = catalog.sql("select count(distinct id) from instructions").fetchall()[0][0]
         print(f"{args.data_dir}: {total} instructions")
@@ -27,4 +35,40 @@ def run(args: argparse.Namespace) -> int:
             print(f"failed  {stage}:{reason} x{count}")
         latest = catalog.store.read_text("releases", "LATEST")
         print(f"latest release: {latest.strip() if latest else 'none'}")
+    return 0
+
+
+async def print_shard_runs(store, build: str | None) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from facets.flows.dispatch import summary_parts
+    from facets.schemas.shards import ShardSummary
+
+    async with get_client() as client:
+        if build is None:
+            newest = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-collection"])),
+                                                 sort=FlowRunSort.START_TIME_DESC, limit=1)
+            if not newest:
+                print("no build-collection run on this Prefect server")
+                return 1
+            build = str(newest[0].id)
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"build:{build}"])),
+                                           sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+    if not runs:
+        print(f"build {build}: no shard runs (its shards ran in its own process, or it has not started them)")
+        return 0
+    print(f"build {build}: {len(runs)} shard runs")
+    print(f"{'shard run':<18}{'state':<12}{'worker':<28}{'accepted':>10}{'seconds':>9}")
+    for run in runs:
+        shard = run.name.rsplit("-", 1)[0]
+        text = store.read_text(*summary_parts(build, shard))
+        summary = ShardSummary.model_validate_json(text) if text else None
+        mine = summary is not None and summary.run == str(run.id)
+        worker = summary.worker if mine else (run.infrastructure_pid or "")
+        accepted = str(len(summary.accepted)) if mine else ""
+        seconds = f"{summary.seconds:.0f}" if mine else ""
+        state = run.state.name if run.state else "?"
+        print(f"{run.name:<18}{state:<12}{worker[:27]:<28}{accepted:>10}{seconds:>9}")
     return 0

@@ -1,0 +1,218 @@
+"""build-collection spread over 1, 2 and 4 workers under one shared RPM/TPM budget (issue 7).
+
+    python bench/scale.py --quick                       # N = 300 with 1 and 2 workers: a sanity run
+    python bench/scale.py --n 65653 --workers 1,2,4     # the paper's size, where the machine allows it
+
+For each worker count W, on loopback: a fresh PostgreSQL database behind a Prefect server and W process
+workers of the cpu pool (`facets server --workers W`, flows/commands/server.py), the data dir on one
+S3-compatible server (moto), the shared limit in Redis, and one simulator process with the RPM and TPM
+(500 ms +- jitter latency). The build is `facets build --shard-deployment build-shard/default` in a
+process of its own: every shard is a flow run that some worker takes, each paces at its share of the
+limit (`share_via`).
+
+Figures per W:
+- wall / bound: bound = max(requests served / RPM, tokens served / TPM) from the simulator's counters;
+  wall is the whole `facets build` command (ingest, shards, release). Target <= 1.1 at every W.
+- the most requests the simulator admitted in any 60 s window, beside the RPM (the shared limit held?).
+- peak RSS per worker: the worker and every flow run process it started, summed, sampled twice a second.
+- Prefect API requests per 1,000 LLM calls: HTTP requests in the server's access log during the build
+  (workers, flow runs and the build together; events travel over websockets and are not counted).
+- S3 requests per shard: every request moto served during the build, over the shards.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_N = 65_653
+REDIS = "redis://127.0.0.1:6379/0"
+TARGET_RATIO = 1.1
+QUICK = {"n": 300, "workers": "1,2", "rpm": 3000}
+ACCESS = re.compile(r'"(?:GET|POST|PATCH|PUT|DELETE) /api/')
+
+
+def _bench_build():
+    spec = importlib.util.spec_from_file_location("facets_bench_build", Path(__file__).with_name("build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of each worker's process tree (the worker and the flow runs it started), summed."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.pids, self.every_s = pids, every_s
+        self.peaks = [0.0] * len(pids)
+        self.flow_run_peak = 0.0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            for i, pid in enumerate(self.pids):
+                try:
+                    root = psutil.Process(pid)
+                    family = [root, *root.children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                sizes = []
+                for proc in family:
+                    try:
+                        sizes.append(proc.memory_info().rss / 2**20)
+                    except psutil.NoSuchProcess:
+                        pass
+                self.peaks[i] = max(self.peaks[i], sum(sizes))
+                self.flow_run_peak = max(self.flow_run_peak, max(sizes[1:], default=0.0))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(5)
+
+
+def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: Path, s3) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from facets.flows.commands.server import LocalPrefect, free_port
+    from facets.llm.simulator import SimulatorProcess
+    from test_deployments import _postgres_database
+
+    home = scratch / f"w{workers}"
+    home.mkdir(parents=True)
+    database_url, drop_database = _postgres_database()
+    data_dir = f"{s3.make_bucket(f'scale-{workers}-{uuid.uuid4().hex[:6]}')}/data"
+    sim = SimulatorProcess(rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
+                           seed=args.seed, burst_s=1.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PREFECT_API_"))}
+    env.update(s3.env(), PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_LOGGING_LEVEL="INFO",
+               XDG_CACHE_HOME=str(home / "cache"), OPENAI_API_KEY="bench-key",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    limits = {"rpm": args.rpm, "tpm": args.tpm, "share_via": REDIS}
+    config = {"sources": [f"mine={source}"], "limit": args.n, "shard_size": args.shard_size, "data_dir": data_dir,
+              "max_concurrent_shards": max(2, 2 * workers), "shard_deployment": "build-shard/default",
+              "endpoint": {"model": "facets-sim", "limits": limits, "failure_window": args.failure_window}}
+    (home / "config.json").write_text(json.dumps(config))
+    try:
+        with sim, LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"],
+                               cpu_workers=workers, worker_limit=args.worker_limit, log_dir=home / "logs",
+                               env={**env, "OPENAI_BASE_URL": sim.base_url}) as stack:
+            sampler = RssSampler([w.process.pid for w in stack.workers])
+            sampler.start()
+            api0 = _api_requests(stack.server_log)
+            s3_0, sim0 = sum(s3.requests().values()), sim.stats()
+            started = time.perf_counter()
+            with open(home / "build.log", "wb") as log:
+                done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--config",
+                                       str(home / "config.json"), "--quiet"],
+                                      env={**env, "PREFECT_API_URL": stack.api_url, "OPENAI_BASE_URL": sim.base_url},
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            wall = time.perf_counter() - started
+            sampler.stop()
+            stats, s3_requests = sim.stats(), sum(s3.requests().values()) - s3_0
+            api = _api_requests(stack.server_log) - api0
+    finally:
+        drop_database()
+    text = (home / "build.log").read_text(errors="replace")
+    if done.returncode != 0:
+        raise SystemExit(f"the build with {workers} workers failed (exit {done.returncode}):\n{text[-4000:]}")
+    shards = int(re.search(r"\((\d+) drawn, (\d+) shards\)", text)[2])
+    served = stats["admitted"] - sim0["admitted"]
+    tokens = stats["prompt_tokens"] + stats["completion_tokens"] - sim0["prompt_tokens"] - sim0["completion_tokens"]
+    bound = max(served / args.rpm * 60, tokens / args.tpm * 60 if args.tpm else 0.0)
+    return {"workers": workers, "wall_s": wall, "bound_s": bound, "ratio": wall / bound, "served": served,
+            "tokens": tokens, "max_in_60s": stats["max_ok_in_window"], "rate_limited": stats["rate_limited"],
+            "paid_twice": stats["paid_twice"], "shards": shards, "peak_rss_mb": sampler.peaks,
+            "flow_run_peak_mb": sampler.flow_run_peak, "api_requests": api,
+            "api_per_1000_calls": 1000 * api / max(1, stats["requests"] - sim0["requests"]),
+            "s3_requests": s3_requests, "s3_per_shard": s3_requests / max(1, shards),
+            "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1]}
+
+
+def _api_requests(log: Path) -> int:
+    try:
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if ACCESS.search(line))
+    except OSError:
+        return 0
+
+
+def show(results: list[dict], args: argparse.Namespace) -> bool:
+    print(f"\n{os.cpu_count()} CPUs; N = {args.n}; simulator {args.latency_ms:g} ms +- {args.jitter_ms:g} ms, "
+          f"RPM {args.rpm:g}, TPM {args.tpm:g}; shard size {args.shard_size}; worker limit {args.worker_limit}")
+    if args.n < PAPER_N:
+        print(f"N = {args.n} is BELOW the paper's {PAPER_N:,}: {args.why_small}")
+    ok = True
+    for r in results:
+        rss = ", ".join(f"{mb:.0f}" for mb in r["peak_rss_mb"])
+        print(f"\n== {r['workers']} worker(s) ==")
+        for label, value in [
+            ("accepted", f"{r['accepted']} of {args.n}, {r['shards']} shards"),
+            ("wall / bound", f"{r['ratio']:.3f} (wall {r['wall_s']:.1f} s, bound {r['bound_s']:.1f} s; target <= {TARGET_RATIO})"),
+            ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']}, paid twice {r['paid_twice']}"),
+            ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most {r['flow_run_peak_mb']:.0f} MB"),
+            ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),
+            ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
+        ]:
+            print(f"  {label:<24} {value}")
+        ok &= r["ratio"] <= TARGET_RATIO
+    print(f"\ntarget wall/bound <= {TARGET_RATIO} at every worker count: {'met' if ok else 'NOT met'}")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=PAPER_N)
+    parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
+    parser.add_argument("--rpm", type=float, default=6000)
+    parser.add_argument("--tpm", type=float, default=None, help="default 1,500 x RPM (as bench/build.py)")
+    parser.add_argument("--latency-ms", type=float, default=500)
+    parser.add_argument("--jitter-ms", type=float, default=150)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--worker-limit", type=int, default=4, help="flow runs per worker at once")
+    parser.add_argument("--failure-window", type=int, default=5000, help="as bench/build.py's FAILURE_WINDOW")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help=f"N={QUICK['n']}, workers {QUICK['workers']}")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            if f"--{key}" not in sys.argv:
+                setattr(args, key, value)
+    if args.tpm is None:
+        args.tpm = 1500 * args.rpm
+    args.why_small = "--quick sanity run" if args.quick else "the largest this machine ran in the time given"
+    from facets.storage.s3_server import S3Server
+
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="facets-scale-bench-"))
+    source = scratch / "instructions.jsonl"
+    scratch.mkdir(parents=True, exist_ok=True)
+    _bench_build().write_instructions(source, args.n + max(10, math.ceil(args.n * 0.15)), seed=args.seed)
+    try:
+        with S3Server() as s3:
+            results = []
+            for workers in [int(w) for w in args.workers.split(",")]:
+                results.append(run_workers(workers, args, source, scratch, s3))
+                print(f"{workers} workers: wall {results[-1]['wall_s']:.1f} s, bound {results[-1]['bound_s']:.1f} s",
+                      file=sys.stderr)
+        ok = show(results, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

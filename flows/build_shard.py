@@ -1,0 +1,60 @@
+"""The `build-shard` flow: every stage of one shard, as a flow run that a worker of the pool takes.
+
+`build-collection` with `shard_deployment` starts one run of this flow per shard (flows/dispatch.py).
+A run reads its instructions from the data dir, reuses the stored rows and journaled calls of its shard,
+writes its rows, and leaves a summary at builds/<build>/<shard>.json for the build to read, whether it
+finished or stopped. Started again after a crash, on any worker, it resumes from the same rows and journal.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from prefect import flow, get_run_logger, runtime
+
+from facets.flows.build import open_context, run_stages
+from facets.flows.dispatch import summary_parts
+from facets.llm.errors import RunAborted
+from facets.schemas.config import BuildConfig
+from facets.schemas.shards import ShardSpec, ShardSummary
+from facets.storage import Store
+from facets.tasks.selection import load_instructions
+from facets.tasks.shard import Shard
+
+
+@flow(name="build-shard", log_prints=True, persist_result=False)
+async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
+    """Trees -> sets -> system messages -> responses -> pairs for one shard of a build-collection run."""
+    started = time.monotonic()
+    store = Store(config.data_dir)
+    # the build checked the endpoint once; a shard run does not ask it again
+    ctx = await open_context(config, store, preflight=False)
+    work: Shard | None = None
+    outcome: dict = {}
+    try:
+        instructions = load_instructions(store, shard.ids)
+        missing = set(shard.ids) - {i.id for i in instructions}
+        if missing:
+            raise ValueError(f"{len(missing)} instructions of shard {shard.name} are not in {config.data_dir}: "
+                             f"the build and its workers must share one data dir ({sorted(missing)[:3]} ...)")
+        work = Shard(shard.lo, shard.hi, instructions, {i.id: ctx.plan.fingerprints(i.id) for i in instructions},
+                     config.sets_per_instruction)
+        await run_stages(ctx, work)
+        work.finish()
+    except RunAborted as exc:
+        outcome = {"error": f"{type(exc).__name__}: {exc}", "aborted": True}
+        raise
+    except BaseException as exc:
+        outcome = {"error": f"{type(exc).__name__}: {exc}"}
+        raise
+    finally:
+        await ctx.aclose()
+        usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
+        fields = dict(run=str(runtime.flow_run.id), usage=usage, worker=f"{socket.gethostname()}:{os.getpid()}",
+                      seconds=round(time.monotonic() - started, 3), **outcome)
+        summary = work.summary(**fields) if work is not None else ShardSummary(name=shard.name, **fields)
+        store.write_text(summary.model_dump_json(), *summary_parts(shard.build, shard.name))
+    get_run_logger().info("shard %s: %d of %d instructions accepted", shard.name, len(summary.accepted),
+                          len(shard.ids))
+    return summary.model_dump(mode="json", include={"name", "accepted", "counts", "failures"})

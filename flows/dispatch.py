@@ -1,0 +1,141 @@
+"""Shards on a work pool: with `shard_deployment` set, each shard of a build is a `build-shard` flow run.
+
+Why `run_deployment` on a work pool rather than a Dask or Ray task runner: the workers are Prefect's own
+(`prefect worker start`, `docker compose up --scale worker=N`), each shard is an ordinary flow run that
+the UI shows, cancels and logs, the work pool hands each run to exactly one worker, and nothing is
+shared but the Prefect server, the data dir and (for one rate limit) Redis: no second cluster to run.
+
+A worker that dies mid-shard leaves its run `Running` with no heartbeats; the server's zombie
+automation (flows/automations.py) marks it `Crashed`, and the build starts the shard again, on whichever
+worker takes it. The new run reuses the rows and journaled calls the dead one stored, so what is paid
+again is at most the calls that were in flight (and, on another machine, the journal's last unsealed
+seconds).
+
+`max_cost` holds across the runs: each run is given a part of what is neither spent nor held by the
+runs in flight, so together they can never exceed it (a crashed run counts as having spent its part).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from facets.llm.errors import BudgetExceeded, RunAborted
+from facets.schemas.config import BuildConfig
+from facets.schemas.shards import ShardSpec, ShardSummary
+from facets.storage import Store
+
+log = logging.getLogger(__name__)
+POLL_S = 2.0
+SUMMARIES = "builds"
+
+
+class ShardRunFailed(RuntimeError):
+    """A shard run ended Failed or Cancelled, or crashed more often than `shard_retries` allows."""
+
+
+def summary_parts(build: str, shard: str) -> tuple[str, str, str]:
+    return SUMMARIES, build, f"{shard}.json"
+
+
+class SpendSplit:
+    """`max_cost` across concurrent shard runs: each takes a part of the money nobody spent or holds."""
+
+    def __init__(self, max_cost: float | None, parts: int):
+        self.max_cost, self.parts = max_cost, parts
+        self.spent = 0.0
+        self.held: dict[str, float] = {}
+
+    def take(self, shard: str) -> float | None:
+        if self.max_cost is None:
+            return None
+        free = self.max_cost - self.spent - sum(self.held.values())
+        if free <= 0:
+            raise BudgetExceeded(f"max_cost ${self.max_cost:.2f} reached: ${self.spent:.4f} spent by shard runs")
+        self.held[shard] = free / max(1, self.parts - len(self.held))
+        return self.held[shard]
+
+    def settle(self, shard: str, cost: float | None) -> None:
+        held = self.held.pop(shard, 0.0)
+        self.spent += held if cost is None else cost
+
+
+class ShardDispatch:
+    """Starts a shard's run on the deployment, waits for it, and takes its summary; crashed runs go again."""
+
+    def __init__(self, config: BuildConfig, store: Store, build: str):
+        self.config, self.store, self.build = config, store, build
+        self.deployment = config.shard_deployment
+        self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
+        self.usage: list[dict[str, dict[str, Any]]] = []
+        self.runs: dict[str, str] = {}  # shard name -> id of its current flow run
+        self.crashed = 0
+
+    def shard_config(self, max_cost: float | None) -> dict[str, Any]:
+        """The build's config for one shard run: no ingest, no release, no dispatch, no key in the
+        parameters (a worker takes OPENAI_API_KEY from its own environment), its part of max_cost."""
+        config = self.config.model_dump(mode="json", exclude={"endpoint": {"api_key"}})
+        config.update(sources=[], limit=None, publish=False, push_to_hub=None, train_after=False,
+                      shard_deployment=None)
+        config["endpoint"]["max_cost"] = max_cost
+        return config
+
+    async def run(self, spec: ShardSpec) -> ShardSummary:
+        from prefect.deployments import run_deployment
+
+        for attempt in range(self.config.shard_retries + 1):
+            parameters = {"config": self.shard_config(self.spend.take(spec.name)), "shard": spec.model_dump()}
+            run = await run_deployment(self.deployment, parameters=parameters, timeout=None, poll_interval=POLL_S,
+                                       flow_run_name=f"{spec.name}-{attempt}", tags=self.tags())
+            self.runs[spec.name] = str(run.id)
+            summary = self.read_summary(spec, str(run.id))
+            self.spend.settle(spec.name, _cost(summary))
+            if run.state.is_completed() and summary is not None and summary.error is None:
+                self.usage.append(summary.usage)
+                return summary
+            if summary is not None and summary.aborted:
+                raise RunAborted(f"shard {spec.name} (run {run.id}): {summary.error}")
+            if run.state.is_crashed() and attempt < self.config.shard_retries:
+                self.crashed += 1
+                log.warning("shard %s: run %s crashed (%s); starting it again", spec.name, run.id, run.state.message)
+                continue
+            reason = summary.error if summary is not None and summary.error else run.state.message
+            raise ShardRunFailed(f"shard {spec.name}: run {run.id} ended {run.state.type.value}: {reason}")
+        raise AssertionError("unreachable")
+
+    def read_summary(self, spec: ShardSpec, run_id: str) -> ShardSummary | None:
+        text = self.store.read_text(*summary_parts(self.build, spec.name))
+        summary = ShardSummary.model_validate_json(text) if text else None
+        return summary if summary is not None and summary.run == run_id else None
+
+    def tags(self) -> list[str]:
+        return ["facets", "build-shard", f"build:{self.build}"]
+
+    async def cancel_outstanding(self) -> int:
+        """Cancels this build's shard runs that have not finished (the build stopped or was cancelled)."""
+        return await cancel_shard_runs(self.build)
+
+
+async def cancel_shard_runs(build: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    open_types = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+    cancelled = 0
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"build:{build}"]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=open_types))))
+        for run in runs:
+            await client.set_flow_run_state(run.id, Cancelling(message=f"build {build} stopped"), force=True)
+            cancelled += 1
+    return cancelled
+
+
+def _cost(summary: ShardSummary | None) -> float | None:
+    """What a run spent, None when unknown (no summary: it crashed; the split then counts its whole part)."""
+    if summary is None:
+        return None
+    costs = [usage.get("cost_usd") for usage in summary.usage.values()]
+    return None if any(c is None for c in costs) else float(sum(costs))

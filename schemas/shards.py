@@ -1,0 +1,34 @@
+"""What a build hands a shard run on another worker, and what that run hands back (scale-out)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ShardSpec(BaseModel):
+    """One shard of a build: its bucket range and the instruction ids drawn into it."""
+
+    build: str = Field(description="id of the build-collection run; its shard summaries go under builds/<build>/")
+    lo: int = Field(ge=0)
+    hi: int = Field(ge=0)
+    ids: list[str] = Field(min_length=1)
+
+    @property
+    def name(self) -> str:
+        return f"b{self.lo:04d}-{self.hi:04d}"
+
+
+class ShardSummary(BaseModel):
+    """A shard run's outcome, written to builds/<build>/<shard>.json whether it finished or stopped."""
+
+    name: str
+    run: str = Field("", description="id of the flow run that wrote it")
+    accepted: list[str] = Field(default_factory=list, description="instructions with every row, a pair included")
+    counts: dict[str, dict[str, int]] = Field(default_factory=dict, description="stage -> reused, made, failed")
+    failures: dict[str, int] = Field(default_factory=dict, description="stage:reason -> rows")
+    usage: dict[str, dict[str, Any]] = Field(default_factory=dict, description="LLM stage -> calls, tokens, cost")
+    worker: str = Field("", description="host and process that ran it")
+    seconds: float = 0.0
+    error: str | None = Field(None, description="why the run stopped, when it did not finish")
+    aborted: bool = Field(False, description="stopped by a run-wide condition (bad key, spend cap, failures)")

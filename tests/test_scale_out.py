@@ -1,0 +1,133 @@
+"""Scale-out: one build shared by three workers of a local Prefect server on PostgreSQL, data on a loopback
+S3 server, one rate limit through Redis. One worker is killed (with its flow runs) mid-build; the
+server's zombie automation marks its shard run Crashed and the build runs that shard again elsewhere.
+What was paid is counted at the simulator, in its own process."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from facets.flows.commands.server import LocalPrefect, free_port
+from facets.llm.simulator import SimulatorProcess
+from facets.storage import Store
+from facets.storage.s3_server import S3Server, apply_env, restore_env
+from test_deployments import _postgres_database
+
+ROOT = Path(__file__).resolve().parents[1]
+NECTAR = ROOT / "tests" / "data" / "sources" / "nectar" / "data.jsonl"
+REDIS = "redis://127.0.0.1:6379/0"
+RPM = 300
+IN_FLIGHT = 8
+ZOMBIE_AFTER_S = 40
+START_WITHIN_S = 60
+
+
+def build_config(data_dir: str, **overrides) -> dict:
+    limits = {"rpm": RPM, "max_in_flight": IN_FLIGHT, "share_via": REDIS, "burst_s": 1.0}
+    return {"sources": [f"nectar={NECTAR}"], "limit": 16, "seed": 4, "shard_size": 4, "data_dir": data_dir,
+            "endpoint": {"model": "facets-sim", "limits": limits}, "publish": True, **overrides}
+
+
+class Killer(threading.Thread):
+    """Once the build is calling, kills the first worker with a flow run process, and all it started (a
+    lost machine)."""
+
+    def __init__(self, stack: LocalPrefect, calling, timeout_s: float = 240.0):
+        super().__init__(daemon=True)
+        self.stack, self.calling, self.timeout_s = stack, calling, timeout_s
+        self.min_age_s = 3.0
+        self.killed: list[psutil.Process] = []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and not self.calling():
+            time.sleep(0.5)
+        while time.monotonic() < deadline and not self.killed:
+            for worker in self.stack.workers:
+                try:
+                    family = psutil.Process(worker.process.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    continue
+                if any(time.time() - child.create_time() > self.min_age_s for child in family):
+                    for proc in [psutil.Process(worker.process.pid), *family]:
+                        try:
+                            proc.kill()
+                        except psutil.NoSuchProcess:
+                            pass
+                    self.killed = family
+                    return
+            time.sleep(0.3)
+
+
+def facets_build(config: dict, env: dict, path: Path) -> str:
+    """`facets build --config FILE`, as a user runs it; returns the release version it printed."""
+    path.write_text(json.dumps(config), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--config", str(path), "--quiet"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert "accepted 16 of 16 instructions" in done.stdout, done.stdout
+    return re.search(r"^release (\w+) \(new release\)", done.stdout, re.M)[1]
+
+
+def crashed_shard_runs(api_url: str) -> int:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async def read():
+        async with PrefectClient(api_url) as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
+            return [run for run in runs if run.state.is_crashed()]
+
+    return len(asyncio.run(read()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_killed_worker(tmp_path):
+    database_url, drop_database = _postgres_database()
+    with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200,
+                                            faults={"http_500": 0.03, "http_503": 0.03}) as sim:
+        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+               "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": sim.base_url}
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+            env.pop(name, None)
+        data_dir = f"{s3.make_bucket(f'scale-{uuid.uuid4().hex[:8]}')}/data"
+        try:
+            with LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"], cpu_workers=3,
+                              worker_limit=2, zombie_after_s=ZOMBIE_AFTER_S, start_within_s=START_WITHIN_S,
+                              log_dir=tmp_path / "logs", env=env) as stack:
+                killer = Killer(stack, calling=lambda: sim.stats()["requests"] >= 30)
+                killer.start()
+                spread = facets_build(build_config(data_dir, shard_deployment="build-shard/default"),
+                                      {**env, "PREFECT_API_URL": stack.api_url}, tmp_path / "spread.json")
+                killer.join(1)
+                crashed = crashed_shard_runs(stack.api_url)
+        finally:
+            drop_database()
+        stats = sim.stats()
+        previous = apply_env(s3)
+        try:
+            with Store(data_dir).catalog() as catalog:
+                ((sft, prompts),) = catalog.sql("select count(*), count(distinct prompt) from release_sft").fetchall()
+        finally:
+            restore_env(previous)
+        single = facets_build(build_config(str(tmp_path / "single")), env, tmp_path / "single.json")
+    assert killer.killed, "no worker was killed mid-shard: the test proved nothing"
+    assert crashed >= 1, "the killed worker's shard runs were marked Crashed, and ran again elsewhere"
+    # the shard runs of the dead worker paid again at most what they had in flight
+    assert stats["paid_twice"] <= len(killer.killed) * IN_FLIGHT, stats
+    assert stats["max_ok_in_window"] <= RPM * 1.05, f"one 60 s window held more than the shared RPM: {stats}"
+    assert spread == single, "same inputs, same release"
+    assert (sft, prompts) == (48, 16)
