@@ -160,9 +160,12 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
         print(f"\n== {r['workers']} worker(s) ==")
         for label, value in [
             ("accepted", f"{r['accepted']} of {args.n}, {r['shards']} shards"),
-            ("wall / bound", f"{r['ratio']:.3f} (wall {r['wall_s']:.1f} s, bound {r['bound_s']:.1f} s; target <= {TARGET_RATIO})"),
-            ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']}, paid twice {r['paid_twice']}"),
-            ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most {r['flow_run_peak_mb']:.0f} MB"),
+            ("wall / bound", f"{r['ratio']:.3f} (wall {r['wall_s']:.1f} s, bound {r['bound_s']:.1f} s; "
+                             f"target <= {TARGET_RATIO})"),
+            ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']}, "
+                                      f"paid twice {r['paid_twice']}"),
+            ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most "
+                                    f"{r['flow_run_peak_mb']:.0f} MB"),
             ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),
             ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
         ]:

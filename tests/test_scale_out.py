@@ -131,3 +131,78 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
     assert stats["max_ok_in_window"] <= RPM * 1.05, f"one 60 s window held more than the shared RPM: {stats}"
     assert spread == single, "same inputs, same release"
     assert (sft, prompts) == (48, 16)
+
+
+def flow_runs(api_url: str, flow: str, tag: str | None = None) -> list:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags
+
+    async def read():
+        async with PrefectClient(api_url) as client:
+            tags = FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])) if tag else None
+            return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                               flow_run_filter=tags)
+
+    return asyncio.run(read())
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_resumes(tmp_path):
+    from prefect.client.orchestration import PrefectClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    database_url, drop_database = _postgres_database()
+    with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200) as sim:
+        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+               "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": sim.base_url}
+        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+            env.pop(name, None)
+        data_dir = f"{s3.make_bucket(f'cancel-{uuid.uuid4().hex[:8]}')}/data"
+        config = build_config(data_dir, shard_deployment="build-shard/default")
+        try:
+            with LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"], cpu_workers=1,
+                              worker_limit=6, log_dir=tmp_path / "logs", env=env) as stack, \
+                    temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+                # the scheduled deployment, run as the UI runs it, then cancelled as the UI cancels it
+                build = asyncio.run(run_deployment("build-collection/incremental", parameters={"config": config},
+                                                   timeout=0))
+                tag = f"build:{build.id}"
+                wait_for(lambda: any(r.state.is_running() for r in flow_runs(stack.api_url, "build-shard", tag)),
+                         240, "a shard run is running")
+                wait_for(lambda: sim.stats()["requests"] >= 10, 120, "the shard runs call the endpoint")
+
+                async def cancel():
+                    async with PrefectClient(stack.api_url) as client:
+                        await client.set_flow_run_state(build.id, Cancelling(message="from the UI"))
+
+                asyncio.run(cancel())
+                shards = wait_for(lambda: (runs := flow_runs(stack.api_url, "build-shard", tag))
+                                  and all(r.state.is_final() for r in runs) and runs, 180,
+                                  "every shard run of the cancelled build ended")
+                assert {r.state.type.value for r in shards} == {"CANCELLED"}, [r.state for r in shards]
+                (parent,) = [r for r in flow_runs(stack.api_url, "build-collection") if r.id == build.id]
+                assert parent.state.is_cancelled(), parent.state
+                paid_before = sim.stats()["ok"]
+                again = asyncio.run(run_deployment("build-collection/incremental", parameters={"config": config},
+                                                   timeout=600))
+                assert again.state.is_completed(), again.state
+        finally:
+            drop_database()
+        stats = sim.stats()
+    assert paid_before > 0 and stats["ok"] > paid_before
+    # the rerun resumed from what the cancelled build stored: only calls in flight at the cancel paid again
+    assert stats["paid_twice"] <= len(shards) * IN_FLIGHT, stats

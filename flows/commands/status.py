@@ -54,8 +54,8 @@ async def print_shard_runs(store, build: str | None) -> int:
                 print("no build-collection run on this Prefect server")
                 return 1
             build = str(newest[0].id)
-        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"build:{build}"])),
-                                           sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        of_build = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"build:{build}"]))
+        runs = await client.read_flow_runs(flow_run_filter=of_build, sort=FlowRunSort.EXPECTED_START_TIME_ASC)
     if not runs:
         print(f"build {build}: no shard runs (its shards ran in its own process, or it has not started them)")
         return 0
