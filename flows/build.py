@@ -6,6 +6,8 @@ one event loop drives hundreds of calls through the gateway. Shards run concurre
 stages in order, so no stage waits for the slowest shard of the one before. A crashed (stage, shard)
 is retried by Prefect and resumes from the stored rows and the journal; conditions that would fail
 every call (`RunAborted`: bad key, spend cap, most calls failing) are not retried.
+With `shard_deployment` set, each shard runs instead as a `build-shard` flow run on that deployment's
+work pool, so many workers share the build (flows/dispatch.py, flows/build_shard.py).
 """
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from prefect import flow, get_run_logger, task
-from prefect import runtime
+from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from facets.llm.batch import BatchRunner

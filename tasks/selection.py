@@ -52,6 +52,8 @@ def load_instructions(store: Store, ids: list[str]) -> list[Instruction]:
     if not ids or not files:
         return []
     table = ds.dataset(files, format="parquet", filesystem=store.fs).to_table(filter=ds.field("id").isin(ids))
+    if not table.num_rows:
+        return []
     # one row per id: ingest never writes an id twice, but two concurrent ingests might
     ids_column = table.column("id").combine_chunks()
     first = pc.index_in(ids_column, value_set=ids_column)

@@ -178,8 +178,7 @@ def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_re
                               worker_limit=6, log_dir=tmp_path / "logs", env=env) as stack, \
                     temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
                 # the scheduled deployment, run as the UI runs it, then cancelled as the UI cancels it
-                build = asyncio.run(run_deployment("build-collection/incremental", parameters={"config": config},
-                                                   timeout=0))
+                build = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=0)
                 tag = f"build:{build.id}"
                 wait_for(lambda: any(r.state.is_running() for r in flow_runs(stack.api_url, "build-shard", tag)),
                          240, "a shard run is running")
@@ -193,12 +192,13 @@ def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_re
                 shards = wait_for(lambda: (runs := flow_runs(stack.api_url, "build-shard", tag))
                                   and all(r.state.is_final() for r in runs) and runs, 180,
                                   "every shard run of the cancelled build ended")
-                assert {r.state.type.value for r in shards} == {"CANCELLED"}, [r.state for r in shards]
+                # cancelled, unless it had finished before the cancel came
+                states = {r.state.type.value for r in shards}
+                assert "CANCELLED" in states and states <= {"CANCELLED", "COMPLETED"}, [r.state for r in shards]
                 (parent,) = [r for r in flow_runs(stack.api_url, "build-collection") if r.id == build.id]
                 assert parent.state.is_cancelled(), parent.state
                 paid_before = sim.stats()["ok"]
-                again = asyncio.run(run_deployment("build-collection/incremental", parameters={"config": config},
-                                                   timeout=600))
+                again = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=600)
                 assert again.state.is_completed(), again.state
         finally:
             drop_database()
