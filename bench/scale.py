@@ -103,7 +103,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     limits = {"rpm": args.rpm, "tpm": args.tpm, "share_via": REDIS}
     config = {"sources": [f"mine={source}"], "limit": args.n, "shard_size": args.shard_size, "data_dir": data_dir,
-              "max_concurrent_shards": max(2, 2 * workers), "shard_deployment": "build-shard/default",
+              "max_concurrent_shards": args.concurrency, "shard_deployment": "build-shard/default",
               "endpoint": {"model": "facets-sim", "limits": limits, "failure_window": args.failure_window}}
     (home / "config.json").write_text(json.dumps(config))
     try:
@@ -151,7 +151,8 @@ def _api_requests(log: Path) -> int:
 
 def show(results: list[dict], args: argparse.Namespace) -> bool:
     print(f"\n{os.cpu_count()} CPUs; N = {args.n}; simulator {args.latency_ms:g} ms +- {args.jitter_ms:g} ms, "
-          f"RPM {args.rpm:g}, TPM {args.tpm:g}; shard size {args.shard_size}; worker limit {args.worker_limit}")
+          f"RPM {args.rpm:g}, TPM {args.tpm:g}; shard size {args.shard_size}; worker limit {args.worker_limit}; "
+          f"{args.concurrency} shard runs in flight at most")
     if args.n < PAPER_N:
         print(f"N = {args.n} is BELOW the paper's {PAPER_N:,}: {args.why_small}")
     ok = True
@@ -185,6 +186,7 @@ def main() -> int:
     parser.add_argument("--jitter-ms", type=float, default=150)
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--worker-limit", type=int, default=4, help="flow runs per worker at once")
+    parser.add_argument("--concurrency", type=int, default=8, help="shard runs in flight at once (the default)")
     parser.add_argument("--failure-window", type=int, default=5000, help="as bench/build.py's FAILURE_WINDOW")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK['n']}, workers {QUICK['workers']}")

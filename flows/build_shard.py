@@ -2,7 +2,7 @@
 
 `build-collection` with `shard_deployment` starts one run of this flow per shard (flows/dispatch.py).
 A run reads its instructions from the data dir, reuses the stored rows and journaled calls of its shard,
-writes its rows, and leaves a summary at builds/<build>/<shard>.json for the build to read, whether it
+writes its rows, and leaves a summary at builds/<build>/<shard key>.json for the build to read, whether it
 finished or stopped. Started again after a crash, on any worker, it resumes from the same rows and journal.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
         fields = dict(run=str(runtime.flow_run.id), usage=usage, worker=f"{socket.gethostname()}:{os.getpid()}",
                       seconds=round(time.monotonic() - started, 3), **outcome)
         summary = work.summary(**fields) if work is not None else ShardSummary(name=shard.name, **fields)
-        store.write_text(summary.model_dump_json(), *summary_parts(shard.build, shard.name))
+        store.write_text(summary.model_dump_json(), *summary_parts(shard.build, shard.key))
     get_run_logger().info("shard %s: %d of %d instructions accepted", shard.name, len(summary.accepted),
                           len(shard.ids))
     return summary.model_dump(mode="json", include={"name", "accepted", "counts", "failures"})

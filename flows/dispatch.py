@@ -33,8 +33,8 @@ class ShardRunFailed(RuntimeError):
     """A shard run ended Failed or Cancelled, or crashed more often than `shard_retries` allows."""
 
 
-def summary_parts(build: str, shard: str) -> tuple[str, str, str]:
-    return SUMMARIES, build, f"{shard}.json"
+def summary_parts(build: str, shard_key: str) -> tuple[str, str, str]:
+    return SUMMARIES, build, f"{shard_key}.json"
 
 
 class SpendSplit:
@@ -67,7 +67,7 @@ class ShardDispatch:
         self.deployment = config.shard_deployment
         self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
         self.usage: list[dict[str, dict[str, Any]]] = []
-        self.runs: dict[str, str] = {}  # shard name -> id of its current flow run
+        self.runs: dict[str, str] = {}  # shard key -> id of its current flow run
         self.crashed = 0
 
     def shard_config(self, max_cost: float | None) -> dict[str, Any]:
@@ -83,12 +83,12 @@ class ShardDispatch:
         from prefect.deployments import run_deployment
 
         for attempt in range(self.config.shard_retries + 1):
-            parameters = {"config": self.shard_config(self.spend.take(spec.name)), "shard": spec.model_dump()}
+            parameters = {"config": self.shard_config(self.spend.take(spec.key)), "shard": spec.model_dump()}
             run = await run_deployment(self.deployment, parameters=parameters, timeout=None, poll_interval=POLL_S,
-                                       flow_run_name=f"{spec.name}-{attempt}", tags=self.tags())
-            self.runs[spec.name] = str(run.id)
+                                       flow_run_name=f"{spec.key}-{attempt}", tags=self.tags())
+            self.runs[spec.key] = str(run.id)
             summary = self.read_summary(spec, str(run.id))
-            self.spend.settle(spec.name, _cost(summary))
+            self.spend.settle(spec.key, _cost(summary))
             if run.state.is_completed() and summary is not None and summary.error is None:
                 self.usage.append(summary.usage)
                 return summary
@@ -103,7 +103,7 @@ class ShardDispatch:
         raise AssertionError("unreachable")
 
     def read_summary(self, spec: ShardSpec, run_id: str) -> ShardSummary | None:
-        text = self.store.read_text(*summary_parts(self.build, spec.name))
+        text = self.store.read_text(*summary_parts(self.build, spec.key))
         summary = ShardSummary.model_validate_json(text) if text else None
         return summary if summary is not None and summary.run == run_id else None
 

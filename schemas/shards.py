@@ -1,6 +1,7 @@
 """What a build hands a shard run on another worker, and what that run hands back (scale-out)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -18,9 +19,15 @@ class ShardSpec(BaseModel):
     def name(self) -> str:
         return f"b{self.lo:04d}-{self.hi:04d}"
 
+    @property
+    def key(self) -> str:
+        """Unique within a build: replacements drawn later for the same bucket range share its name."""
+        digest = hashlib.blake2b("\n".join(sorted(self.ids)).encode(), digest_size=4).hexdigest()
+        return f"{self.name}-{digest}"
+
 
 class ShardSummary(BaseModel):
-    """A shard run's outcome, written to builds/<build>/<shard>.json whether it finished or stopped."""
+    """A shard run's outcome, written to builds/<build>/<shard key>.json whether it finished or stopped."""
 
     name: str
     run: str = Field("", description="id of the flow run that wrote it")

@@ -47,7 +47,7 @@ def test_one_shard_run_writes_its_rows_and_summary_and_a_rerun_asks_only_its_fai
         again = sim.stats()["requests"] - asked
     assert first["accepted"] and set(first["accepted"]) <= set(ids) and asked >= 7 * len(first["accepted"])
     assert second["accepted"] == first["accepted"]
-    summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b1", spec.name)))
+    summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b1", spec.key)))
     assert summary.accepted == first["accepted"] and summary.error is None and summary.run
     # the second run's summary: every accepted row reused, and only the failed instructions asked again
     assert summary.counts["responses"]["reused"] == 3 * len(summary.accepted)
@@ -65,7 +65,8 @@ def test_a_shard_run_with_instructions_the_data_dir_lacks_says_so_in_its_summary
         with pytest.raises(ValueError, match="must share one data dir"):
             asyncio.run(build_shard(config, ShardSpec(build="b2", lo=0, hi=7, ids=["not-an-id"])))
         assert sim.stats()["requests"] == 0
-    summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b2", "b0000-0007")))
+    spec = ShardSpec(build="b2", lo=0, hi=7, ids=["not-an-id"])
+    summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b2", spec.key)))
     assert "must share one data dir" in summary.error and not summary.aborted
 
 

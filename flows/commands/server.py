@@ -55,6 +55,7 @@ READY = "export PREFECT_API_URL="
 SIMULATOR_MODEL = "facets-sim"
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 WORKER_LIMIT = 4  # a process worker otherwise takes every scheduled run it sees, the shards of the others too
+WORKER_POLL_S = 2  # Prefect's default 10 s between polls would leave a new shard run waiting that long
 
 
 class StackError(RuntimeError):
@@ -275,8 +276,9 @@ class LocalPrefect:
         return self.log_dir / "server.log"
 
     def env(self) -> dict[str, str]:
-        env = {**self.base_env, **QUIET_ENV, "PREFECT_API_URL": self.api_url, "FACETS_HOME": str(self.project_dir),
-               "PREFECT_CLI_PROMPT": "false", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+        env = {"PREFECT_WORKER_QUERY_SECONDS": str(WORKER_POLL_S), **self.base_env, **QUIET_ENV,
+               "PREFECT_API_URL": self.api_url, "FACETS_HOME": str(self.project_dir), "PREFECT_CLI_PROMPT": "false",
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         if self.simulator is not None:

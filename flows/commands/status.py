@@ -60,15 +60,15 @@ async def print_shard_runs(store, build: str | None) -> int:
         print(f"build {build}: no shard runs (its shards ran in its own process, or it has not started them)")
         return 0
     print(f"build {build}: {len(runs)} shard runs")
-    print(f"{'shard run':<18}{'state':<12}{'worker':<28}{'accepted':>10}{'seconds':>9}")
+    print(f"{'shard run':<26}{'state':<12}{'worker':<28}{'accepted':>10}{'seconds':>9}")
     for run in runs:
-        shard = run.name.rsplit("-", 1)[0]
-        text = store.read_text(*summary_parts(build, shard))
+        key = run.name.rsplit("-", 1)[0]  # runs are named <shard key>-<attempt>
+        text = store.read_text(*summary_parts(build, key))
         summary = ShardSummary.model_validate_json(text) if text else None
         mine = summary is not None and summary.run == str(run.id)
         worker = summary.worker if mine else (run.infrastructure_pid or "")
         accepted = str(len(summary.accepted)) if mine else ""
         seconds = f"{summary.seconds:.0f}" if mine else ""
         state = run.state.name if run.state else "?"
-        print(f"{run.name:<18}{state:<12}{worker[:27]:<28}{accepted:>10}{seconds:>9}")
+        print(f"{run.name:<26}{state:<12}{worker[:27]:<28}{accepted:>10}{seconds:>9}")
     return 0
