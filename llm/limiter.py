@@ -97,6 +97,7 @@ class Limiter:
         self.share = None  # a LimitShare when the limits are split across processes
         # output tokens reserved by calls not answered yet: the server charges them only when it replies
         self.outstanding_output = 0.0
+        self.reserved = 0  # requests reserved so far (what a shared limit's member says it uses)
         self.paused_until = 0.0
         self._next_cut = 0.0
         self._recent_429s: deque[float] = deque()
@@ -110,6 +111,7 @@ class Limiter:
                 wait = max(wait, bucket.reserve(amount, now, self.factor))
             wait = max(wait, self.paused_until - now)
             self.outstanding_output += output_tokens
+            self.reserved += 1
         return Reservation(input_tokens, output_tokens), wait
 
     def _buckets(self) -> list[Bucket]:
@@ -129,6 +131,14 @@ class Limiter:
             for bucket in self._buckets():
                 bucket.refill(now)
                 bucket.level = min(bucket.level, 0.0) - bucket.rate * seconds
+
+    def waiting(self) -> bool:
+        """Calls are reserved and not yet due to be sent: some bucket is in debt (requests or tokens)."""
+        with self._lock:
+            now = self.clock()
+            for bucket in self._buckets():
+                bucket.refill(now)
+            return any(bucket.level < 0 for bucket in self._buckets())
 
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())
@@ -214,7 +224,9 @@ def shared_limiter(endpoint: str, model: str, limits: RateLimits) -> Limiter:
             if limits.share_via:
                 from facets.llm.limit_share import BEAT_S, LimitShare
 
-                limiter.share = LimitShare(limits.share_via, f"{endpoint}|{model}", limiter.set_share)
+                limiter.share = LimitShare(limits.share_via, f"{endpoint}|{model}", limiter.set_share,
+                                           waiting=limiter.waiting, reserved=lambda: limiter.reserved,
+                                           full_rate=limits.rpm / 60.0)
                 if limiter.share.members > 1:  # the others lower their share at their next beat
                     limiter.hold(1.5 * BEAT_S)
         return limiter

@@ -36,6 +36,45 @@ def test_shares_follow_the_members_as_they_join_and_leave():
     a.close()
 
 
+def test_the_split_gives_the_idle_what_they_use_and_the_busy_the_rest():
+    import math
+
+    from facets.llm.limit_share import MIN_SHARE, split
+
+    inf = math.inf
+    assert split({"a": inf, "b": inf}) == {"a": 0.5, "b": 0.5}
+    approx = pytest.approx
+    shares = split({"a": inf, "b": inf, "drain": 0.05})  # a shard draining its last retries
+    assert shares == approx({"drain": 0.05, "a": 0.475, "b": 0.475})
+    shares = split({"a": inf, "small": 0.2, "big": 0.6})  # big wants more than an even part: it shares
+    assert shares == approx({"small": 0.2, "a": 0.4, "big": 0.4})
+    assert split({"a": inf, "b": 0.4, "c": 0.4}) == approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    assert split({"a": 0.1, "b": 0.2}) == approx({"a": 0.45, "b": 0.55})  # nobody waits: the rest evenly
+    assert split({"a": inf, "idle": 0.0})["idle"] == approx(MIN_SHARE)
+    for wants in ({"a": 0.3, "b": inf, "c": 0.9}, {"a": 0.0, "b": 0.0}, {"a": inf}):
+        assert sum(split(wants).values()) == approx(1.0)
+
+
+def test_an_idle_member_leaves_its_share_to_a_busy_one():
+    from facets.llm.limit_share import LimitShare
+
+    key, shares = f"test-{uuid.uuid4().hex}", {"busy": [], "idle": []}
+    reserved = {"busy": 0, "idle": 0}
+    busy = LimitShare(REDIS, key, shares["busy"].append, waiting=lambda: True,
+                      reserved=lambda: reserved["busy"], full_rate=10.0)
+    idle = LimitShare(REDIS, key, shares["idle"].append, waiting=lambda: False,
+                      reserved=lambda: reserved["idle"], full_rate=10.0)
+    assert idle.share == 0.5, "a joiner counts as busy"
+    idle.beat()  # a beat later it has reserved nothing: it wants nothing
+    busy.beat()
+    assert busy.share > 0.95 and idle.share < 0.05
+    reserved["idle"] += 1000  # it calls again: it asks for what it used, and gets it at its next beat
+    idle.beat()
+    assert idle.share == 0.5
+    busy.close()
+    idle.close()
+
+
 WORKER = """
 import asyncio, sys
 from facets.llm.gateway import Gateway

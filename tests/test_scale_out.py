@@ -114,6 +114,9 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
                                       {**env, "PREFECT_API_URL": stack.api_url}, tmp_path / "spread.json")
                 killer.join(1)
                 crashed = crashed_shard_runs(stack.api_url)
+                status = subprocess.run([sys.executable, "-m", "facets.flows.cli", "status", "--shards", "--data-dir",
+                                         data_dir], env={**env, "PREFECT_API_URL": stack.api_url}, cwd=ROOT,
+                                        capture_output=True, text=True, timeout=120)
         finally:
             drop_database()
         stats = sim.stats()
@@ -126,6 +129,9 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
         single = facets_build(build_config(str(tmp_path / "single")), env, tmp_path / "single.json")
     assert killer.killed, "no worker was killed mid-shard: the test proved nothing"
     assert crashed >= 1, "the killed worker's shard runs were marked Crashed, and ran again elsewhere"
+    # `facets status --shards`: every shard run of the build, the crashed ones and where the others ran
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("Crashed") == crashed and "Completed" in status.stdout, status.stdout
     # the shard runs of the dead worker paid again at most what they had in flight
     assert stats["paid_twice"] <= len(killer.killed) * IN_FLIGHT, stats
     assert stats["max_ok_in_window"] <= RPM * 1.05, f"one 60 s window held more than the shared RPM: {stats}"
