@@ -12,8 +12,10 @@ work pool, so many workers share the build (flows/dispatch.py, flows/build_shard
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
@@ -93,13 +95,14 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
     return BuildContext(config, store, load_templates(config), gateways, batches)
 
 
-async def run_stages(ctx: BuildContext, shard: Shard, tree_slots: asyncio.Semaphore | None = None,
+async def run_stages(ctx: BuildContext, shard: Shard,
+                     tree_slot: Callable[[], AbstractAsyncContextManager] = contextlib.nullcontext,
                      after_stage: Callable[[str], Awaitable[None]] | None = None) -> None:
-    """One shard through every stage in order, one Prefect task run per stage."""
+    """One shard through every stage in order, one Prefect task run per stage; trees inside `tree_slot`."""
     stage_task = run_stage.with_options(retries=ctx.config.shard_retries, retry_condition_fn=retry_unless_aborted)
     for stage in STAGES:
-        if stage == "preference_trees" and tree_slots is not None:
-            async with tree_slots:
+        if stage == "preference_trees":
+            async with tree_slot():
                 await stage_task(stage, ctx, shard)
         else:
             await stage_task(stage, ctx, shard)
@@ -117,7 +120,9 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     (`max_tree_shards`): tree calls are token-heavy and the later stages request-heavy, and a pipeline
     of shards in different stages keeps both the endpoint's RPM and its TPM busy. A shard whose
     instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows.
-    With `dispatch`, each shard runs as a flow run on the shard deployment's pool instead."""
+    With `dispatch`, each shard runs as a flow run on the shard deployment's pool instead, its trees
+    under a Prefect global concurrency limit of `max_tree_shards` slots that all the workers share;
+    small replacement shards stay in this process, where they start at once."""
     config = ctx.config
     shards: list[Shard] = []
     running: set[asyncio.Task] = set()
@@ -131,12 +136,13 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
                 await progress.advance(stage, shard)
             return
         async with limit:
-            if dispatch is None:
-                await run_stages(ctx, shard, tree_slots, after_stage=lambda stage: advance(stage, shard))
+            if dispatch is None or len(shard.instructions) < dispatch.min_size:
+                await run_stages(ctx, shard, lambda: tree_slots, after_stage=lambda stage: advance(stage, shard))
                 shard.finish()
             else:
                 shard.apply(await dispatch.run(ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi,
-                                                         ids=list(shard.instructions))))
+                                                         ids=list(shard.instructions),
+                                                         tree_limit=dispatch.tree_limit)))
                 for stage in STAGES:
                     await advance(stage, shard)
 
@@ -199,6 +205,8 @@ async def build_collection(config: BuildConfig) -> dict:
     pool.prefer(complete)
     dispatch = ShardDispatch(config, store, str(runtime.flow_run.id)) if config.shard_deployment else None
     try:
+        if dispatch is not None:
+            await dispatch.open()
         shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
     except BaseException:
         if dispatch is not None:
@@ -206,8 +214,11 @@ async def build_collection(config: BuildConfig) -> dict:
         raise
     finally:
         await ctx.aclose()
-    usage = ({stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()} if dispatch is None
-             else merge_usage(dispatch.usage))
+        if dispatch is not None:
+            await dispatch.close()
+    usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
+    if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
+        usage = merge_usage([usage, *dispatch.usage])
     report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
     report.reruns = dispatch.crashed if dispatch is not None else 0
     if report.accepted < wanted:

@@ -7,6 +7,7 @@ finished or stopped. Started again after a crash, on any worker, it resumes from
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -21,6 +22,18 @@ from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.storage import Store
 from facets.tasks.selection import load_instructions
 from facets.tasks.shard import Shard
+
+
+TREE_LEASE_S = 60  # a dead worker's tree slot is free again after this long
+
+
+def tree_slot(shard: ShardSpec):
+    """The build's cross-worker tree semaphore (a Prefect global concurrency limit), when it has one."""
+    if shard.tree_limit is None:
+        return contextlib.nullcontext
+    from prefect.concurrency.asyncio import concurrency
+
+    return lambda: concurrency(shard.tree_limit, occupy=1, lease_duration=TREE_LEASE_S)
 
 
 @flow(name="build-shard", log_prints=True, persist_result=False)
@@ -40,7 +53,7 @@ async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
                              f"the build and its workers must share one data dir ({sorted(missing)[:3]} ...)")
         work = Shard(shard.lo, shard.hi, instructions, {i.id: ctx.plan.fingerprints(i.id) for i in instructions},
                      config.sets_per_instruction)
-        await run_stages(ctx, work)
+        await run_stages(ctx, work, tree_slot(shard))
         work.finish()
     except RunAborted as exc:
         outcome = {"error": f"{type(exc).__name__}: {exc}", "aborted": True}

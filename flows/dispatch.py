@@ -16,7 +16,6 @@ runs in flight, so together they can never exceed it (a crashed run counts as ha
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from facets.llm.errors import BudgetExceeded, RunAborted
@@ -24,7 +23,6 @@ from facets.schemas.config import BuildConfig
 from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.storage import Store
 
-log = logging.getLogger(__name__)
 POLL_S = 2.0
 SUMMARIES = "builds"
 
@@ -67,8 +65,27 @@ class ShardDispatch:
         self.deployment = config.shard_deployment
         self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
         self.usage: list[dict[str, dict[str, Any]]] = []
-        self.runs: dict[str, str] = {}  # shard key -> id of its current flow run
         self.crashed = 0
+        # a shard run takes seconds to start on a worker: the few replacements drawn late in a build run in
+        # the build's own process instead, or the build would end with a chain of tiny runs
+        self.min_size = max(1, config.shard_size // 4)
+        # few shards make trees at once, across all workers (see build_shards): Prefect's own semaphore
+        self.tree_limit = f"facets-trees-{build}"
+
+    async def open(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            await client.upsert_global_concurrency_limit_by_name(self.tree_limit, self.config.max_tree_shards)
+
+    async def close(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            async with get_client() as client:
+                await client.delete_global_concurrency_limit_by_name(self.tree_limit)
+        except Exception:  # noqa: BLE001 - a leftover limit of a finished build holds nothing
+            pass
 
     def shard_config(self, max_cost: float | None) -> dict[str, Any]:
         """The build's config for one shard run: no ingest, no release, no dispatch, no key in the
@@ -80,13 +97,13 @@ class ShardDispatch:
         return config
 
     async def run(self, spec: ShardSpec) -> ShardSummary:
+        from prefect import get_run_logger
         from prefect.deployments import run_deployment
 
         for attempt in range(self.config.shard_retries + 1):
             parameters = {"config": self.shard_config(self.spend.take(spec.key)), "shard": spec.model_dump()}
             run = await run_deployment(self.deployment, parameters=parameters, timeout=None, poll_interval=POLL_S,
                                        flow_run_name=f"{spec.key}-{attempt}", tags=self.tags())
-            self.runs[spec.key] = str(run.id)
             summary = self.read_summary(spec, str(run.id))
             self.spend.settle(spec.key, _cost(summary))
             if run.state.is_completed() and summary is not None and summary.error is None:
@@ -96,7 +113,8 @@ class ShardDispatch:
                 raise RunAborted(f"shard {spec.name} (run {run.id}): {summary.error}")
             if run.state.is_crashed() and attempt < self.config.shard_retries:
                 self.crashed += 1
-                log.warning("shard %s: run %s crashed (%s); starting it again", spec.name, run.id, run.state.message)
+                get_run_logger().warning("shard %s: run %s crashed (%s); starting it again", spec.name, run.id,
+                                         run.state.message)
                 continue
             reason = summary.error if summary is not None and summary.error else run.state.message
             raise ShardRunFailed(f"shard {spec.name}: run {run.id} ended {run.state.type.value}: {reason}")

@@ -14,6 +14,7 @@ class ShardSpec(BaseModel):
     lo: int = Field(ge=0)
     hi: int = Field(ge=0)
     ids: list[str] = Field(min_length=1)
+    tree_limit: str | None = Field(None, description="Prefect global concurrency limit the tree stage runs under")
 
     @property
     def name(self) -> str:

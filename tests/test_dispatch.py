@@ -88,7 +88,8 @@ def test_the_spend_split_never_hands_out_more_than_the_cap():
 
 
 def test_usage_of_shard_runs_adds_up_and_an_unknown_cost_stays_unknown():
-    a = {"responses": {"requests": 3, "prompt_tokens": 10, "cost_usd": 0.5, "errors": {"http_500": 1}, "latency_p50_s": 1}}
+    a = {"responses": {"requests": 3, "prompt_tokens": 10, "cost_usd": 0.5, "errors": {"http_500": 1},
+                       "latency_p50_s": 1}}
     b = {"responses": {"requests": 2, "prompt_tokens": 5, "cost_usd": 0.25, "errors": {"http_500": 2, "drop": 1}}}
     merged = merge_usage([a, b])["responses"]
     assert merged == {"requests": 5, "prompt_tokens": 15, "cost_usd": 0.75, "errors": {"http_500": 3, "drop": 1}}
