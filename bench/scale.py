@@ -59,12 +59,12 @@ class RssSampler(threading.Thread):
         self.pids, self.every_s = pids, every_s
         self.peaks = [0.0] * len(pids)
         self.flow_run_peak = 0.0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.wait(self.every_s):
+        while not self._done.wait(self.every_s):
             for i, pid in enumerate(self.pids):
                 try:
                     root = psutil.Process(pid)
@@ -81,7 +81,7 @@ class RssSampler(threading.Thread):
                 self.flow_run_peak = max(self.flow_run_peak, max(sizes[1:], default=0.0))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(5)
 
 

@@ -43,7 +43,7 @@ async def main():
     async with Gateway(config) as gateway:
         async def one(i):
             return await gateway.chat([{"role": "user", "content": f"{tag} {i}"}], stage="s", key=str(i),
-                                      sampling=Sampling(max_tokens=64))
+                                      sampling=Sampling(max_tokens=1000))
         if way == "split":
             await asyncio.gather(*(one(i) for i in range(calls)))
         else:
