@@ -11,8 +11,8 @@ from facets.storage.stages import STAGE_MODELS
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="data directory (default ./data)")
     parser.add_argument("--shards", action="store_true",
-                        help="per shard run of the newest build-collection run (or --build): state, worker, "
-                             "instructions accepted; needs PREFECT_API_URL")
+                        help="per shard run of the newest build that ran shards on workers (or --build): state, "
+                             "worker, instructions accepted; needs PREFECT_API_URL")
     parser.add_argument("--build", metavar="FLOW_RUN_ID", help="a build-collection flow run (implies --shards)")
 
 
@@ -47,13 +47,14 @@ async def print_shard_runs(store, build: str | None) -> int:
     from facets.schemas.shards import ShardSummary
 
     async with get_client() as client:
-        if build is None:
-            newest = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-collection"])),
-                                                 sort=FlowRunSort.START_TIME_DESC, limit=1)
-            if not newest:
-                print("no build-collection run on this Prefect server")
+        if build is None:  # the newest build that started shard runs: the tag of the newest shard run
+            newest = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])),
+                                                 sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            tags = [t for run in newest for t in run.tags if t.startswith("build:")]
+            if not tags:
+                print("no build-shard run on this Prefect server (builds ran their shards in their own process)")
                 return 1
-            build = str(newest[0].id)
+            build = tags[0].split(":", 1)[1]
         of_build = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"build:{build}"]))
         runs = await client.read_flow_runs(flow_run_filter=of_build, sort=FlowRunSort.EXPECTED_START_TIME_ASC)
     if not runs:
