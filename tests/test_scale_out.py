@@ -70,6 +70,16 @@ class Killer(threading.Thread):
             time.sleep(0.3)
 
 
+def worker_env(tmp_path: Path, s3: S3Server, sim: SimulatorProcess) -> dict:
+    """What the workers and the commands run with: S3 and the simulator, a Prefect home of the test's own."""
+    env = {**os.environ, **s3.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": sim.base_url}
+    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+        env.pop(name, None)
+    return env
+
+
 def facets_build(config: dict, env: dict, path: Path) -> str:
     """`facets build --config FILE`, as a user runs it; returns the release version it printed."""
     path.write_text(json.dumps(config), encoding="utf-8")
@@ -98,11 +108,7 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
     database_url, drop_database = _postgres_database()
     with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200,
                                             faults={"http_500": 0.03, "http_503": 0.03}) as sim:
-        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-               "PREFECT_WORKER_QUERY_SECONDS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
-               "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": sim.base_url}
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
-            env.pop(name, None)
+        env = worker_env(tmp_path, s3, sim)
         data_dir = f"{s3.make_bucket(f'scale-{uuid.uuid4().hex[:8]}')}/data"
         try:
             with LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"], cpu_workers=3,
@@ -172,11 +178,7 @@ def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_re
 
     database_url, drop_database = _postgres_database()
     with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200) as sim:
-        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-               "PREFECT_WORKER_QUERY_SECONDS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"),
-               "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": sim.base_url}
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
-            env.pop(name, None)
+        env = worker_env(tmp_path, s3, sim)
         data_dir = f"{s3.make_bucket(f'cancel-{uuid.uuid4().hex[:8]}')}/data"
         config = build_config(data_dir, shard_deployment="build-shard/default")
         try:
