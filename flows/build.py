@@ -34,7 +34,7 @@ from facets.tasks import pairs, preference_sets, preference_trees, responses, sy
 from facets.flows.dispatch import ShardDispatch, cancel_shard_runs
 from facets.flows.report import BuildReport, Progress, publish_artifacts
 from facets.schemas.shards import ShardSpec
-from facets.tasks.context import BuildContext
+from facets.tasks.context import BuildContext, all_or_none
 from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
 from facets.tasks.selection import Pool, complete_instructions
 from facets.tasks.shard import Shard
@@ -85,7 +85,8 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
     journal = Journal(config.data_dir)
     budget = Budget(config.endpoint.max_cost)
     slots = CallSlots(config.endpoint.limits)
-    gateways = {stage: Gateway(config.endpoint, journal, budget, slots) for stage in LLM_STAGES}
+    gateways = {stage: Gateway(config.endpoint, journal, budget, slots, priority=LLM_STAGES.index(stage))
+                for stage in LLM_STAGES}
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
@@ -98,17 +99,21 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
 async def run_stages(ctx: BuildContext, shard: Shard,
                      tree_slot: Callable[[], AbstractAsyncContextManager] = contextlib.nullcontext,
                      after_stage: Callable[[str], Awaitable[None]] | None = None) -> None:
-    """One shard through every stage in order, one Prefect task run per stage; trees inside `tree_slot`."""
+    """One shard through every stage, one Prefect task run per stage, trees inside `tree_slot`. The stages
+    run at once, each on the instructions the one before has finished so far (tasks/feed.py); a stage's
+    task run starts when its first instruction arrives."""
     stage_task = run_stage.with_options(retries=ctx.config.shard_retries, retry_condition_fn=retry_unless_aborted)
-    for stage in STAGES:
-        if stage == "preference_trees":
-            async with tree_slot():
-                await stage_task(stage, ctx, shard)
-        else:
+    shard.open_feeds(STAGES)
+
+    async def one(stage: str) -> None:
+        await shard.source(stage).started()
+        async with tree_slot() if stage == "preference_trees" else contextlib.nullcontext():
             await stage_task(stage, ctx, shard)
         shard.stage_done(stage)
         if after_stage is not None:
             await after_stage(stage)
+
+    await all_or_none([asyncio.create_task(one(stage)) for stage in STAGES])
 
 
 async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress,

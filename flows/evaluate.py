@@ -151,6 +151,7 @@ async def build_bench(config: BenchConfig) -> dict:
 
     async def one(shard: Shard) -> Shard:
         async with limit:
+            shard.open_feeds(BENCH_STAGES)  # the stages run one after another here: each reads a closed feed
             for stage in BENCH_STAGES:
                 await stage_task(stage, ctx, shard)
         return shard

@@ -127,7 +127,7 @@ def _strict(node: Any) -> Any:
 
 class Gateway:
     def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
-                 slots: CallSlots | None = None):
+                 slots: CallSlots | None = None, priority: int = 0):
         if endpoint.api_key is None and endpoint.base_url is None:
             raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
         self.endpoint = endpoint
@@ -144,6 +144,9 @@ class Gateway:
                                         connection_limit(endpoint.limits))
         # gateways of one run share the slots, so max_in_flight holds per endpoint, not per gateway
         self._slots = slots or CallSlots(endpoint.limits)
+        # gateways sharing slots take their turns by priority: a build's later stages go first, so an
+        # instruction already under way finishes before new ones start and trees fill what budget is left
+        self.priority = priority
         self._recent: deque[str | None] = deque(maxlen=endpoint.failure_window)  # endpoint errors, recent calls
         self._rejected: Counter[str] = Counter()  # replies that failed their checks, all calls
         self._outcomes = 0
@@ -365,7 +368,7 @@ class Gateway:
         worst_case = price.cost(input_tokens, max_tokens) if price else 0.0
         reservation = held = None
         try:
-            async with self._slots.reserving:
+            async with self._slots.reserving.slot(self.priority):
                 output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
                 reservation, wait = limiter.reserve(input_tokens, output_tokens)
                 if wait > 0:
@@ -374,7 +377,7 @@ class Gateway:
                     await asyncio.sleep(pause)
                 while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
                     await asyncio.sleep(BUDGET_WAIT_S)
-                await self._slots.in_flight.acquire()
+                await self._slots.in_flight.acquire(self.priority)
         except BaseException:  # cancelled while waiting its turn: give back what it holds
             if reservation is not None:
                 limiter.release(reservation)

@@ -11,8 +11,10 @@ reserving at once would pace them all by those first guesses, so only calls near
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import math
-from collections import deque
 
 from facets.schemas.config import RateLimits
 
@@ -24,26 +26,29 @@ LATENCY_WEIGHT = 0.05
 
 
 class Slots:
-    """A semaphore whose size can change; waiters are served in arrival order."""
+    """A semaphore whose size can change; waiters are served by priority (higher first), then in arrival order."""
 
     def __init__(self, size: int):
         self.size = size
         self.used = 0
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []  # a heap of (-priority, arrival, future)
+        self._arrivals = itertools.count()
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: int = 0) -> None:
         if self.used < self.size and not self._waiters:
             self.used += 1
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (-priority, next(self._arrivals), waiter)
+        heapq.heappush(self._waiters, entry)
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # granted just as it was cancelled: hand it on
                 self.release()
             else:
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
             raise
 
     def release(self) -> None:
@@ -56,7 +61,7 @@ class Slots:
 
     def _wake(self) -> None:
         while self._waiters and self.used < self.size:
-            waiter = self._waiters.popleft()
+            waiter = heapq.heappop(self._waiters)[2]
             if not waiter.done():
                 self.used += 1
                 waiter.set_result(None)
@@ -67,6 +72,14 @@ class Slots:
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int = 0):
+        await self.acquire(priority)
+        try:
+            yield self
+        finally:
+            self.release()
 
 
 class CallSlots:

@@ -18,7 +18,7 @@ from facets.schemas import Preference, Rubric, fingerprint, from_table, to_table
 from facets.schemas.config import BuildConfig, StageSettings
 from facets.schemas.evaluation import BenchRubric
 from facets.tasks.context import BuildContext, Key, Request
-from facets.tasks.shard import Shard, StageCount, _overlaps
+from facets.tasks.shard import Shard, StageCount, _overlaps, write_failures
 from facets.tasks.templates import Template, load_template
 
 STAGE = "bench_rubrics"
@@ -114,6 +114,7 @@ async def run(ctx: BenchContext, shard: Shard) -> None:
     found = stored_rubrics(ctx, shard, wanted)
     todo = [key for key in wanted if key not in found]
     made = await ctx.ask(STAGE, shard, [request(k) for k in todo]) if todo else {}
+    write_failures(ctx.store, shard, ctx.gateways[STAGE].drain_failures())
     if made:
         ctx.store.write_table(ctx.store.table_dir(STAGE), to_table(list(made.values()), BenchRubric), shard.name)
     shard.rows[STAGE] = {**found, **made}

@@ -7,7 +7,7 @@ go out as one OpenAI batch whose results land in the same journal.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,18 +42,53 @@ class BuildContext:
         settings = self.config.stages[stage]
         return self.gateways[stage].prepare(messages, settings.sampling, model=self.config.model_of(stage), **options)
 
-    async def fill(self, stage: str, shard: Shard, wanted: dict[Key, str],
-                   make: Callable[[list[Key]], Awaitable[dict[Key, BaseModel]]]) -> None:
-        """Reuse the stored rows of `wanted` (key -> fingerprint), make the missing ones, write them."""
-        found = existing_rows(self.store, stage, shard, wanted)
-        todo = [key for key in wanted if key not in found]
-        made = await make(todo) if todo else {}
-        write_rows(self.store, stage, shard, list(made.values()))
-        shard.rows[stage] = {**found, **made}
-        shard.counts[stage] = StageCount(len(found), len(made), len(todo) - len(made))
+    async def fill(self, stage: str, shard: Shard, make: Callable[[list[Key]], Awaitable[dict[Key, BaseModel]]]) -> None:
+        """Reuse the stored rows of each instruction the stage before has finished and make the missing ones
+        as the instructions come, then write the new rows; an instruction goes on to the next stage as soon
+        as it has all its rows here. In batch mode the missing rows are made at once: one batch per shard."""
+        found = existing_rows(self.store, stage, shard, shard.wanted(stage))
+        rows = shard.rows.setdefault(stage, {})  # kept across a retry: a stage after this one may be reading it
+        done, batch, running = shard.feeds[stage], [], set()
+        consumed: list[str] = []
+
+        async def make_some(keys: list[Key]) -> None:
+            rows.update(await make(keys))
+            for iid in dict.fromkeys(iid for iid, _ in keys):
+                if all(key in rows for key in shard.keys(stage, iid)):
+                    done.put(iid)
+
+        try:
+            async for iid in shard.source(stage).read():
+                consumed.append(iid)
+                keys = shard.keys(stage, iid)
+                rows.update((key, found[key]) for key in keys if key in found)
+                todo = [key for key in keys if key not in rows]
+                if not todo:
+                    done.put(iid)
+                elif stage in self.batches:
+                    batch.append(todo)
+                elif stage in self.gateways:  # an LLM call: made alongside the instructions still to come
+                    running.add(asyncio.create_task(make_some(todo)))
+                else:
+                    await make_some(todo)
+            if batch:
+                await make_some([key for keys in batch for key in keys])
+            await all_or_none(running)
+        finally:  # a stage that stops (cancelled, or a call aborted the run) stops the calls it started
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        keys = [key for iid in consumed for key in shard.keys(stage, iid)]
+        made = [rows[key] for key in keys if key in rows and key not in found]
+        write_rows(self.store, stage, shard, made)
+        if stage in self.gateways:
+            write_failures(self.store, shard, self.gateways[stage].drain_failures())
+        reused = sum(key in found for key in keys)
+        shard.counts[stage] = StageCount(reused, len(made), len(keys) - reused - len(made))
+        done.close()
 
     async def ask(self, stage: str, shard: Shard, requests: list[Request]) -> dict[Key, BaseModel]:
-        """Rows for the requests that came back good; the others are in `failures` with their raw output."""
+        """Rows for the requests that came back good; the others go to the gateway's failures with their raw output."""
         gateway = self.gateways[stage]
         if stage in self.batches:
             items = [BatchItem(r.call, stage, _failure_key(r.key)) for r in requests]
@@ -61,7 +96,6 @@ class BuildContext:
             results = [by_key.get(_failure_key(r.key)) for r in requests]
         else:
             results = await asyncio.gather(*(gateway.run(r.call, stage, _failure_key(r.key)) for r in requests))
-        write_failures(self.store, shard, gateway.drain_failures())
         return {r.key: r.to_row(done.value) for r, done in zip(requests, results) if done is not None}
 
     async def aclose(self) -> None:
@@ -72,6 +106,22 @@ class BuildContext:
         journals = {id(g.journal): g.journal for g in self.gateways.values() if g.journal is not None}
         for journal in journals.values():
             journal.close()
+
+
+async def all_or_none(tasks: Iterable[asyncio.Task]) -> None:
+    """Wait for every task; the first to fail (or a cancellation of the waiter) cancels the others, and
+    the error is raised as it is, not wrapped in an ExceptionGroup as a TaskGroup would."""
+    pending = set(tasks)
+    try:
+        while pending:
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for task in finished:
+                task.result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _failure_key(key: Key) -> str:

@@ -21,14 +21,12 @@ def choose_pair(instruction_id: str, sets: int, seed: int) -> tuple[int, int]:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    wanted = {(iid, 0): shard.plans[iid].pairs for iid in shard.alive("responses")}
-
     async def make(todo: list[Key]) -> dict[Key, Pair]:
         rows = {}
         for iid, _ in todo:
             chosen, rejected = choose_pair(iid, shard.sets, ctx.config.seed)
-            rows[(iid, 0)] = Pair(instruction_id=iid, fingerprint=wanted[(iid, 0)],
+            rows[(iid, 0)] = Pair(instruction_id=iid, fingerprint=shard.plans[iid].pairs,
                                   chosen_index=chosen, rejected_index=rejected)
         return rows
 
-    await ctx.fill(STAGE, shard, wanted, make)
+    await ctx.fill(STAGE, shard, make)

@@ -31,23 +31,21 @@ def choose_sets(tree: PreferenceTree, count: int, seed: int) -> list[list[Prefer
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    trees = shard.rows.get("preference_trees", {})
-    wanted = {(iid, k): shard.plans[iid].preference_sets for iid in shard.alive("preference_trees")
-              for k in range(shard.sets)}
+    failures: list[Failure] = []
 
     async def make(todo: list[Key]) -> dict[Key, PreferenceSet]:
-        rows, failures = {}, []
+        rows, wanted = {}, set(todo)
         for iid in dict.fromkeys(iid for iid, _ in todo):
-            chosen = choose_sets(trees[(iid, 0)], shard.sets, ctx.config.seed)
+            chosen = choose_sets(shard.rows["preference_trees"][(iid, 0)], shard.sets, ctx.config.seed)
             if len({tuple(p.preference for p in s) for s in chosen}) < len(chosen):
                 failures.append(Failure(stage=STAGE, key=iid, reason="too_few_distinct_sets",
                                         detail=f"the tree cannot give {shard.sets} different sets"))
                 continue
             for k, preferences in enumerate(chosen):
                 if (iid, k) in wanted:
-                    rows[(iid, k)] = PreferenceSet(instruction_id=iid, fingerprint=wanted[(iid, k)],
+                    rows[(iid, k)] = PreferenceSet(instruction_id=iid, fingerprint=shard.plans[iid].preference_sets,
                                                    set_index=k, preferences=preferences)
-        write_failures(ctx.store, shard, failures)
         return rows
 
-    await ctx.fill(STAGE, shard, wanted, make)
+    await ctx.fill(STAGE, shard, make)
+    write_failures(ctx.store, shard, failures)

@@ -24,14 +24,14 @@ def seeds_text(path: Path = SEEDS) -> str:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    wanted = {(iid, 0): shard.plans[iid].preference_trees for iid in shard.alive(None)}
     template, model, seeds = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE), seeds_text()
 
     def request(key: Key) -> Request:
-        iid, fp = key[0], wanted[key]
+        iid = key[0]
+        fp = shard.plans[iid].preference_trees
         messages = template.messages(seeds=seeds, instruction=shard.instructions[iid].text)
         call = ctx.prepare(STAGE, messages, schema=PreferenceTreeBody)
         return Request(key, call, lambda body: PreferenceTree(
             instruction_id=iid, fingerprint=fp, model=model, dimensions=body.dimensions))
 
-    await ctx.fill(STAGE, shard, wanted, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+    await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))

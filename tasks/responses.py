@@ -15,17 +15,15 @@ def check_response(text: str) -> None:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    systems = shard.rows.get("system_messages", {})
-    alive = set(shard.alive("system_messages"))
-    wanted = {key: shard.plans[key[0]].responses for key in systems if key[0] in alive}
     template, model = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE)
 
     def request(key: Key) -> Request:
         iid, k = key
-        messages = template.messages(system_message=systems[key].text, instruction=shard.instructions[iid].text)
+        system = shard.rows["system_messages"][key].text
+        messages = template.messages(system_message=system, instruction=shard.instructions[iid].text)
         call = ctx.prepare(STAGE, messages, check=check_response)
         return Request(key, call, lambda text: GoldResponse(
-            instruction_id=iid, fingerprint=wanted[key], set_index=k, text=text, model=model,
+            instruction_id=iid, fingerprint=shard.plans[iid].responses, set_index=k, text=text, model=model,
             prompt_version=template.version))
 
-    await ctx.fill(STAGE, shard, wanted, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+    await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))

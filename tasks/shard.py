@@ -17,6 +17,7 @@ from facets.schemas import Failure, Instruction, from_table
 from facets.schemas.shards import ShardSummary
 from facets.storage import Store
 from facets.storage.stages import model_of
+from facets.tasks.feed import Feed
 from facets.tasks.plan import Fingerprints
 
 PER_INSTRUCTION = ("preference_trees", "pairs")  # one row per instruction, keyed (id, 0)
@@ -46,6 +47,24 @@ class Shard:
         self.failures: Counter[str] = Counter()
         self._accepted: list[str] | None = None
         self._alive = len(instructions)  # instructions that came through the last stage done
+        self.feeds: dict[str | None, Feed] = {}
+
+    def open_feeds(self, stages: tuple[str, ...]) -> None:
+        """Fresh feeds for one run through `stages`: the first stage reads every instruction of the shard."""
+        self._previous = dict(zip(stages, (None, *stages[:-1])))
+        self.feeds = {None: Feed(self.instructions, closed=True), **{stage: Feed() for stage in stages}}
+
+    def source(self, stage: str) -> Feed:
+        """What `stage` works on: the instructions the stage before it has finished."""
+        return self.feeds[self._previous[stage]]
+
+    def keys(self, stage: str, iid: str) -> list[tuple[str, int]]:
+        """The rows `stage` makes for one instruction: one, or one per preference set."""
+        return [(iid, 0)] if stage in PER_INSTRUCTION else [(iid, k) for k in range(self.sets)]
+
+    def wanted(self, stage: str) -> dict[tuple[str, int], str]:
+        """Every row `stage` may make for this shard, with the fingerprint it must have."""
+        return {key: getattr(self.plans[iid], stage) for iid in self.instructions for key in self.keys(stage, iid)}
 
     def alive(self, stage: str | None) -> list[str]:
         """Instructions that have every row of `stage` (all of them when `stage` is None)."""

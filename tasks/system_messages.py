@@ -45,18 +45,15 @@ def describe(preference_set: PreferenceSet) -> str:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    sets = shard.rows.get("preference_sets", {})
-    alive = set(shard.alive("preference_sets"))  # once: inside the comprehension it cost O(keys x instructions)
-    wanted = {key: shard.plans[key[0]].system_messages for key in sets if key[0] in alive}
     template, model = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE)
 
     def request(key: Key) -> Request:
         iid, k = key
         instruction = shard.instructions[iid].text
-        messages = template.messages(preferences=describe(sets[key]), instruction=instruction)
+        messages = template.messages(preferences=describe(shard.rows["preference_sets"][key]), instruction=instruction)
         call = ctx.prepare(STAGE, messages, check=lambda text: check_system_message(text, instruction))
         return Request(key, call, lambda text: SystemMessage(
-            instruction_id=iid, fingerprint=wanted[key], set_index=k, text=text, model=model,
+            instruction_id=iid, fingerprint=shard.plans[iid].system_messages, set_index=k, text=text, model=model,
             prompt_version=template.version))
 
-    await ctx.fill(STAGE, shard, wanted, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+    await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))

@@ -88,14 +88,15 @@ def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_
 
 
 def test_one_shard_makes_trees_at_a_time_while_others_go_on(tmp_path):
-    """max_tree_shards=1: the token-heavy tree stages of shards never overlap (read back from Prefect)."""
+    """max_tree_shards=1: the token-heavy tree stages of shards never overlap, and a shard's system messages
+    start on its first trees, before its tree stage ends (read back from Prefect)."""
     from datetime import datetime, timezone
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
 
     began = datetime.now(timezone.utc)
-    with run_simulator(seed=7, latency_ms=30) as sim:
+    with run_simulator(seed=7, latency_ms=30, jitter_ms=25) as sim:
         report = build(config(sim.base_url, tmp_path, limit=12, shard_size=3))
     assert report["accepted"] == 12 and report["shards"] >= 3
 
@@ -116,6 +117,9 @@ def test_one_shard_makes_trees_at_a_time_while_others_go_on(tmp_path):
     for (_, end, _), (start, _, _) in zip(trees, trees[1:]):
         assert start >= end, "two shards made trees at once"
     assert any(s < trees[-1][1] and e > trees[-1][0] for s, e, _ in later), "later stages ran beside the trees"
+    tree_end = {name.split("-", 1)[1]: end for _, end, name in trees}
+    systems = {name.split("-", 1)[1]: start for start, _, name in later if name.startswith("system_messages-")}
+    assert any(start < tree_end[shard] for shard, start in systems.items()), "a shard's stages ran as a pipeline"
 
 
 def test_incremental_rerun_makes_no_request_and_no_new_release(tmp_path):

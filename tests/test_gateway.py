@@ -264,6 +264,30 @@ def test_slots_grow_to_let_waiters_in_and_a_cancelled_waiter_gives_its_slot_on()
     asyncio.run(main())
 
 
+def test_slots_serve_waiters_by_priority_then_in_arrival_order():
+    from facets.llm.slots import Slots
+
+    async def main():
+        slots = Slots(1)
+        await slots.acquire()
+        order = []
+
+        async def wait(name: str, priority: int) -> None:
+            async with slots.slot(priority):
+                order.append(name)
+
+        waiting = [asyncio.create_task(wait(name, priority))
+                   for name, priority in (("tree-1", 0), ("response-1", 2), ("tree-2", 0), ("system-1", 1),
+                                          ("response-2", 2))]
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.gather(*waiting)
+        assert order == ["response-1", "response-2", "system-1", "tree-1", "tree-2"]
+        assert slots.used == 0 and not slots._waiters
+
+    asyncio.run(main())
+
+
 # -- faults -----------------------------------------------------------------------------------
 
 
