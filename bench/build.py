@@ -290,6 +290,7 @@ def run_size(n: int, args: argparse.Namespace, scratch: Path) -> dict:
         "n": n, "accepted": report["accepted"], "drawn": report["drawn"], "shards": shards,
         "requests_seen": cold["requests"], "served": served, "rate_limited": cold["rate_limited"],
         "paid_twice": cold["paid_twice"], "faults": sum(stats["faults"].values()),
+        "rate_limited_by": stats["rate_limited_by"],
         "failed_calls": sum(c["failed"] for c in report["stages"].values()),
         "noop_paid_twice": result["noop"]["paid_twice"],
         "requests_per_instruction": served / max(1, report["accepted"]),
@@ -329,7 +330,8 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
         ratio = r["ratio"]
         lines = [
             ("N (accepted / wanted; drawn)", f"{r['accepted']} / {r['n']}; {r['drawn']} drawn, {r['shards']} shards"),
-            ("requests served (seen, 429s)", f"{r['served']} ({r['requests_seen']} seen, {r['rate_limited']} x 429, "
+            ("requests served (seen, 429s)", f"{r['served']} ({r['requests_seen']} seen, {r['rate_limited']} x 429 "
+                                              f"{r['rate_limited_by']}, "
                                               f"{r['faults']} faults, paid twice {r['paid_twice']}); "
                                               f"{r['requests_per_instruction']:.3f} per accepted instruction"),
             ("tokens served", f"{r['tokens']:,} ({r['tokens_per_request']:.0f} per request)"),

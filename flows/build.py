@@ -123,11 +123,12 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     Replacements are drawn as soon as a stage drops instructions, while the other shards run, so the
     build never ends with a second round for the failed few. Few shards make trees at once
     (`max_tree_shards`): tree calls are token-heavy and the later stages request-heavy, and a pipeline
-    of shards in different stages keeps both the endpoint's RPM and its TPM busy. A shard whose
+    of shards in different stages keeps both the endpoint's RPM and its TPM busy. Small shards (the
+    replacements) take neither a shard nor a tree slot: they start at once. A shard whose
     instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows.
     With `dispatch`, each shard runs as a flow run on the shard deployment's pool instead, its trees
     under a Prefect global concurrency limit of `max_tree_shards` slots that all the workers share;
-    small replacement shards stay in this process, where they start at once."""
+    small shards stay in this process."""
     config = ctx.config
     shards: list[Shard] = []
     running: set[asyncio.Task] = set()
@@ -140,9 +141,11 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
             for stage in STAGES:
                 await progress.advance(stage, shard)
             return
-        async with limit:
-            if dispatch is None or len(shard.instructions) < dispatch.min_size:
-                await run_stages(ctx, shard, lambda: tree_slots, after_stage=lambda stage: advance(stage, shard))
+        small = config.is_small(len(shard.instructions))
+        async with contextlib.nullcontext() if small else limit:
+            if dispatch is None or small:
+                slot = contextlib.nullcontext if small else lambda: tree_slots
+                await run_stages(ctx, shard, slot, after_stage=lambda stage: advance(stage, shard))
                 shard.finish()
             else:
                 shard.apply(await dispatch.run(ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi,

@@ -66,9 +66,6 @@ class ShardDispatch:
         self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
         self.usage: list[dict[str, dict[str, Any]]] = []
         self.crashed = 0
-        # a shard run takes seconds to start on a worker: the few replacements drawn late in a build run in
-        # the build's own process instead, or the build would end with a chain of tiny runs
-        self.min_size = max(1, config.shard_size // 4)
         # few shards make trees at once, across all workers (see build_shards): Prefect's own semaphore
         self.tree_limit = f"facets-trees-{build}"
 

@@ -245,6 +245,7 @@ class Stats:
         self.faults: Counter[str] = Counter()
         self.batch_faults: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.limited_by: Counter[str] = Counter()  # 429s by the bucket that refused
         self.answered: set[bytes] = set()
         self.admitted: list[float] = []
         self.paid_twice = self.prompt_tokens = self.completion_tokens = 0
@@ -275,6 +276,7 @@ class Stats:
             "ok": self.sync["ok"],
             "paid": self.sync["paid"],
             "rate_limited": self.sync["rate_limited"],
+            "rate_limited_by": dict(sorted(self.limited_by.items())),
             "admitted": len(self.admitted),
             "faults": {k: self.faults[k] for k in FAULT_KINDS},
             "errors": dict(sorted(self.errors.items())),
@@ -624,6 +626,7 @@ class Simulator:
 
     def rate_limited(self, wait_s: float, bucket: str, model: str) -> web.Response:
         self.stats.sync["rate_limited"] += 1
+        self.stats.limited_by[bucket] += 1
         field, type_, words = BUCKETS[bucket]
         ms = max(1, math.ceil(wait_s * 1000))
         message = (f"Rate limit reached for {model} on {words}: Limit {getattr(self.config, field)}. "

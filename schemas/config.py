@@ -164,3 +164,9 @@ class BuildConfig(Config):
 
     def model_of(self, stage: str) -> str:
         return self.stages[stage].model or self.endpoint.model
+
+    def is_small(self, instructions: int) -> bool:
+        """A shard this small (the replacements drawn for failed instructions) starts at once, beside the
+        others, in the build's own process: waiting for a shard or tree slot, or for a worker, would end
+        the build with a chain of tiny shards."""
+        return instructions < max(1, self.shard_size // 4)
