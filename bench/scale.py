@@ -86,14 +86,12 @@ class RssSampler(threading.Thread):
 
 
 def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: Path, s3) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from facets.flows.commands.server import LocalPrefect, free_port
+    from facets.flows.commands.server import LocalPrefect, free_port, scratch_database
     from facets.llm.simulator import SimulatorProcess
-    from test_deployments import _postgres_database
 
     home = scratch / f"w{workers}"
     home.mkdir(parents=True)
-    database_url, drop_database = _postgres_database()
+    database_url, drop_database = scratch_database()
     data_dir = f"{s3.make_bucket(f'scale-{workers}-{uuid.uuid4().hex[:6]}')}/data"
     sim = SimulatorProcess(rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms,
                            seed=args.seed, burst_s=1.0)

@@ -42,7 +42,8 @@ class BuildContext:
         settings = self.config.stages[stage]
         return self.gateways[stage].prepare(messages, settings.sampling, model=self.config.model_of(stage), **options)
 
-    async def fill(self, stage: str, shard: Shard, make: Callable[[list[Key]], Awaitable[dict[Key, BaseModel]]]) -> None:
+    async def fill(self, stage: str, shard: Shard,
+                   make: Callable[[list[Key]], Awaitable[dict[Key, BaseModel]]]) -> None:
         """Reuse the stored rows of each instruction the stage before has finished and make the missing ones
         as the instructions come, then write the new rows; an instruction goes on to the next stage as soon
         as it has all its rows here. In batch mode the missing rows are made at once: one batch per shard."""

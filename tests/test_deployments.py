@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import psutil
@@ -213,25 +212,12 @@ def _package_dirs() -> list[str]:
 
 def _postgres_database():
     """A fresh database on the machine's PostgreSQL; returns (url, drop)."""
-    import asyncio
-
     import asyncpg
 
-    name = f"facets_deploy_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(database="postgres", timeout=10, **POSTGRES)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
     try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        return server.scratch_database(**POSTGRES)
     except (OSError, asyncpg.PostgresError) as exc:
         pytest.skip(f"PostgreSQL is not reachable on {POSTGRES['host']}:{POSTGRES['port']}: {exc}")
-    url = f"postgresql+asyncpg://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{name}"
-    return url, lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 class Lines:

@@ -43,6 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,27 @@ def deployment_pools(project_dir: Path) -> list[str]:
         if name and name not in pools:
             pools.append(name)
     return pools
+
+
+def scratch_database(host: str = HOST, port: int = 5432, user: str = "postgres") -> tuple[str, Callable[[], None]]:
+    """A fresh database on a PostgreSQL server, for a throwaway Prefect server (tests, benches): its
+    SQLAlchemy URL and a function that drops it. OSError or asyncpg.PostgresError when unreachable."""
+    import uuid
+
+    import asyncpg
+
+    name = f"facets_scratch_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(database="postgres", timeout=10, host=host, port=port, user=user)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    return (f"postgresql+asyncpg://{user}@{host}:{port}/{name}",
+            lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
 
 
 def free_port(host: str = HOST) -> int:
