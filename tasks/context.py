@@ -17,7 +17,7 @@ from facets.llm.batch import BatchItem, BatchRunner
 from facets.llm.gateway import Call, Gateway
 from facets.schemas.config import BuildConfig
 from facets.storage import Store
-from facets.tasks.plan import StagePlan
+from facets.tasks.plan import STAGES, StagePlan
 from facets.tasks.shard import Shard, StageCount, existing_rows, write_failures, write_rows
 from facets.tasks.templates import Template
 
@@ -37,6 +37,15 @@ class BuildContext:
         self.config, self.store, self.templates = config, store, templates
         self.gateways, self.batches = gateways, batches or {}
         self.plan = StagePlan.of(config, templates)
+        # the stage files there before this build: other shards of the build hold other instructions, and
+        # listing again would make each shard open the files of every shard before it (the small
+        # replacement shards span every bucket range), quadratic in the size of the build
+        self._stored = {stage: store.files(stage) for stage in STAGES}
+
+    def stored_files(self, stage: str, shard: Shard) -> list[str]:
+        """Where a shard's stored rows of `stage` can be: the files there before this build, and those the
+        shard wrote itself (a stage that Prefect retries)."""
+        return self._stored.get(stage, []) + shard.written.get(stage, [])
 
     def prepare(self, stage: str, messages: list[dict], **options: Any) -> Call:
         settings = self.config.stages[stage]
@@ -47,7 +56,7 @@ class BuildContext:
         """Reuse the stored rows of each instruction the stage before has finished and make the missing ones
         as the instructions come, then write the new rows; an instruction goes on to the next stage as soon
         as it has all its rows here. In batch mode the missing rows are made at once: one batch per shard."""
-        found = existing_rows(self.store, stage, shard, shard.wanted(stage))
+        found = existing_rows(self.store, stage, shard, shard.wanted(stage), self.stored_files(stage, shard))
         rows = shard.rows.setdefault(stage, {})  # kept across a retry: a stage after this one may be reading it
         done, batch, running = shard.feeds[stage], [], set()
         consumed: list[str] = []

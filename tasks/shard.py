@@ -48,6 +48,7 @@ class Shard:
         self._accepted: list[str] | None = None
         self._alive = len(instructions)  # instructions that came through the last stage done
         self.feeds: dict[str | None, Feed] = {}
+        self.written: dict[str, list[str]] = {}  # stage -> the files this shard wrote there
 
     def open_feeds(self, stages: tuple[str, ...]) -> None:
         """Fresh feeds for one run through `stages`: the first stage reads every instruction of the shard."""
@@ -112,9 +113,12 @@ class Shard:
         self.instructions = {iid: None for iid in self.instructions}
 
 
-def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str]) -> dict[tuple[str, int], BaseModel]:
-    """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint); one per key."""
-    files = [f for f in store.files(stage) if _overlaps(f, shard.lo, shard.hi)]
+def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str],
+                  stored: list[str] | None = None) -> dict[tuple[str, int], BaseModel]:
+    """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint); one per key.
+    `stored`: the stage's files to look in (default: all of them now)."""
+    stored = store.files(stage) if stored is None else stored
+    files = [f for f in stored if _overlaps(f, shard.lo, shard.hi)]
     if not files or not wanted:
         return {}
     ids = sorted({iid for iid, _ in wanted})
@@ -136,7 +140,7 @@ def _overlaps(path: str, lo: int, hi: int) -> bool:
 
 def write_rows(store: Store, stage: str, shard: Shard, rows: list[BaseModel]) -> None:
     if rows:
-        store.write(stage, rows, label=shard.name)
+        shard.written.setdefault(stage, []).append(store.write(stage, rows, label=shard.name))
 
 
 def write_failures(store: Store, shard: Shard, failures: list[Failure]) -> None:

@@ -122,6 +122,41 @@ def test_one_shard_makes_trees_at_a_time_while_others_go_on(tmp_path):
     assert any(start < tree_end[shard] for shard, start in systems.items()), "a shard's stages ran as a pipeline"
 
 
+def test_small_replacement_shards_start_at_once_beside_the_others(tmp_path):
+    """One shard at a time (max_concurrent_shards=1), yet the small shards drawn for failed instructions
+    run while the big ones do: they wait for no shard or tree slot (read back from Prefect)."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterStartTime
+
+    began = datetime.now(timezone.utc)
+    with run_simulator(seed=5, latency_ms=50, faults={"length": 0.4}) as sim:
+        report = build(config(sim.base_url, tmp_path, limit=40, shard_size=16, max_concurrent_shards=1))
+    assert report["accepted"] == 40 and report["drawn"] > 40, "failed instructions were replaced"
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                task_run_filter=TaskRunFilter(start_time=TaskRunFilterStartTime(after_=began)))
+
+    spans: dict[str, list] = {}
+    deadline = time.monotonic() + 30
+    while not spans.get("b0000-1023") and time.monotonic() < deadline:  # states reach the server a moment later
+        spans = {}
+        for run in asyncio.run(task_runs()):
+            if run.end_time and not run.name.startswith("ingest"):
+                shard = run.name.split("-", 1)[1]
+                start, end = spans.get(shard, (run.start_time, run.end_time))
+                spans[shard] = (min(start, run.start_time), max(end, run.end_time))
+        time.sleep(0.5)
+    big = {name: span for name, span in spans.items() if name != "b0000-1023"}  # the two shards of 20
+    assert len(big) == 2, spans
+    small_start, small_end = spans["b0000-1023"]  # the replacements: one bucket range, the whole ring
+    assert any(small_start < end and small_end > start for start, end in big.values()), \
+        "a replacement shard ran beside a big one"
+
+
 def test_incremental_rerun_makes_no_request_and_no_new_release(tmp_path):
     with run_simulator(seed=1) as sim:
         first = build(config(sim.base_url, tmp_path, publish=True))
