@@ -19,6 +19,7 @@ orphan of a killed writer, which `recover()` seals (cut to its last complete lin
 from __future__ import annotations
 
 import binascii
+import errno
 import fcntl
 import hashlib
 import logging
@@ -382,7 +383,12 @@ class Journal:
 
     def _read(self, f: _File, start: int, end: int | None) -> bytes:
         if not f.local:
-            return self.fs.cat_file(f.path, start=start, end=end)
+            try:
+                return self.fs.cat_file(f.path, start=start or None, end=end)
+            except OSError as exc:  # nothing past `start` (a live file read to its end, then sealed): a 416
+                if end is None and exc.errno == errno.EINVAL:
+                    return b""
+                raise
         fd = os.open(f.path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size if end is None else end

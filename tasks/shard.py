@@ -110,6 +110,7 @@ class Shard:
         build's memory is bounded by the shards in flight, not by the collection."""
         self._accepted = self.alive("pairs")
         self.rows.clear()
+        self.feeds.clear()
         self.instructions = {iid: None for iid in self.instructions}
 
 

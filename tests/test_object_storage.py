@@ -57,3 +57,22 @@ def test_a_build_on_object_storage_publishes_a_loadable_release_and_a_rebuild_as
     sft_rows = datasets.load_dataset("parquet", split="train",
                                      **dataset_arguments(f"{first['release']['path']}/sft"))
     assert len(sft_rows) == 12 and len(sft_rows[0]["preference_set"]) == 4
+
+
+def test_a_journal_reads_a_live_file_to_its_end_then_the_segment_it_is_sealed_into(s3):
+    """On one machine a reader indexes a writer's live file as it grows; once the writer seals it into a
+    segment on S3 there is nothing past what was read, and S3 answers such a range read with a 416."""
+    from facets.llm.journal import Journal, JournalEntry, request_key
+
+    data_dir = f"{s3.make_bucket('journal-tail')}/data"
+    writer = Journal(data_dir, writer_id="writer")
+    keys = [request_key("http://sim/v1", "m", [{"role": "user", "content": str(i)}], None, {}, None) for i in range(3)]
+    for i, key in enumerate(keys):
+        writer.put(JournalEntry(key=key, model="m", content=f"reply {i}", finish_reason="stop"))
+    reader = Journal(data_dir, writer_id="reader")
+    assert reader.get(keys[0]).content == "reply 0", "read from the writer's live file"
+    writer.seal()
+    reader.refresh()  # the segment holds the same bytes the reader has already indexed
+    assert [reader.get(key).content for key in keys] == ["reply 0", "reply 1", "reply 2"]
+    writer.close()
+    reader.close()
