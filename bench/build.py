@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -119,6 +120,25 @@ def _children_cpu_s() -> float:
             continue
         total += times.user + times.system
     return total
+
+
+class RssTrace(threading.Thread):
+    """This process's RSS four times a second, so a peak can be put down to the stages or to the release."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MB)
+        self.started = time.perf_counter()
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.wait(0.25):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.samples.append((time.perf_counter() - self.started, int(line.split()[1]) / 1024))
+
+    def peak_mb(self, after_s: float = 0.0, before_s: float = math.inf) -> float:
+        return max((mb for t, mb in self.samples if after_s <= t < before_s), default=0.0)
 
 
 def _children_peak_mb() -> float:
@@ -209,9 +229,11 @@ def measure(args: argparse.Namespace) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    started = time.perf_counter()
+    started, trace = time.perf_counter(), RssTrace()
+    trace.start()
     report = asyncio.run(build_collection(config))
     wall = time.perf_counter() - started
+    trace.finished.set()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)
@@ -219,6 +241,9 @@ def measure(args: argparse.Namespace) -> dict:
     sim1 = _sim_stats(args.sim_url)
     out["cold"] = {"wall_s": wall, "cpu_s": cpu, "server_cpu_s": server_cpu,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   # the report's seconds end where the stages do; the release is published after them
+                   "peak_rss_stages_mb": trace.peak_mb(before_s=report["seconds"]),
+                   "peak_rss_release_mb": trace.peak_mb(after_s=report["seconds"]),
                    "server_peak_rss_mb": _children_peak_mb(), "report": report,
                    "requests": sim1["requests"] - sim0["requests"], "served": sim1["admitted"] - sim0["admitted"],
                    "rate_limited": sim1["rate_limited"] - sim0["rate_limited"],
@@ -303,6 +328,7 @@ def run_size(n: int, args: argparse.Namespace, scratch: Path) -> dict:
         "cpu_ms_per_request": 1000 * cold["cpu_s"] / max(1, served),
         "server_cpu_s": cold["server_cpu_s"], "sim_cpu_s": sim_cpu,
         "peak_rss_mb": cold["peak_rss_mb"], "peak_rss_mb_after_noop": result["peak_rss_mb"],
+        "peak_rss_stages_mb": cold["peak_rss_stages_mb"], "peak_rss_release_mb": cold["peak_rss_release_mb"],
         "server_peak_rss_mb": cold["server_peak_rss_mb"],
         "task_runs": result["task_runs"], "expected_task_runs": 5 * shards + 1,
         "noop_wall_s": result["noop"]["wall_s"], "noop_requests": result["noop"]["requests"],
@@ -345,6 +371,8 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
                                              f"{r['server_cpu_s']:.1f} s apart; simulator {r['sim_cpu_s']:.1f} s, not counted"),
             ("peak RSS, flow process", f"{r['peak_rss_mb']:.0f} MB after the build, {r['peak_rss_mb_after_noop']:.0f} MB "
                                        f"after the no-op (target < {TARGET_RSS_MB}); Prefect server child {r['server_peak_rss_mb']:.0f} MB"),
+            ("", f"sampled: {r['peak_rss_stages_mb']:.0f} MB at most during the stages, "
+                 f"{r['peak_rss_release_mb']:.0f} MB while the release was published"),
             ("Prefect task runs", f"build {cold_runs} (expected 5 x {r['shards']} shards + 1 ingest = "
                                   f"{r['expected_task_runs']}), no-op {noop_runs} (expected 1: complete shards run no stage)"),
             ("no-op rebuild", f"{r['noop_wall_s']:.1f} s, {r['noop_requests']} requests, {r['noop_paid_twice']} of them "
