@@ -115,10 +115,9 @@ class Shard:
 
 
 def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str],
-                  stored: list[str] | None = None) -> dict[tuple[str, int], BaseModel]:
-    """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint); one per key.
-    `stored`: the stage's files to look in (default: all of them now)."""
-    stored = store.files(stage) if stored is None else stored
+                  stored: list[str]) -> dict[tuple[str, int], BaseModel]:
+    """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint), one per key,
+    looked for in those of the stage's files `stored` whose bucket range overlaps the shard's."""
     files = [f for f in stored if _overlaps(f, shard.lo, shard.hi)]
     if not files or not wanted:
         return {}
