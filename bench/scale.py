@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             sampler = RssSampler([w.process.pid for w in stack.workers])
             sampler.start()
             api0 = _api_requests(stack.server_log)
-            s3_0, sim0 = sum(s3.requests().values()), sim.stats()
+            s3_0, sim0, log0 = sum(s3.requests().values()), sim.stats(), len(s3.log())
             started = time.perf_counter()
             with open(home / "build.log", "wb") as log:
                 done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--config",
@@ -121,6 +122,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             wall = time.perf_counter() - started
             sampler.stop()
             stats, s3_requests = sim.stats(), sum(s3.requests().values()) - s3_0
+            s3_kinds = _s3_kinds(s3.log()[log0:])
             api = _api_requests(stack.server_log) - api0
     finally:
         drop_database()
@@ -137,7 +139,25 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             "flow_run_peak_mb": sampler.flow_run_peak, "api_requests": api,
             "api_per_1000_calls": 1000 * api / max(1, stats["requests"] - sim0["requests"]),
             "s3_requests": s3_requests, "s3_per_shard": s3_requests / max(1, shards),
+            "s3_kinds_per_shard": {k: n / max(1, shards) for k, n in s3_kinds.most_common(6)},
             "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1]}
+
+
+def _s3_kinds(log: list[tuple[str, str, int]]) -> Counter:
+    """S3 requests by method and what they touched: a listing, or the data dir's folder (journal segments,
+    a stage, the instructions, the shard summaries)."""
+    kinds: Counter = Counter()
+    for method, path, _ in log:
+        where, _, query = path.partition("?")
+        parts = where.strip("/").split("/")[2:]  # past the bucket and the data dir's prefix
+        if "list-type" in query or "prefix=" in query:
+            area = "list"
+        elif parts[:1] in (["journal"], ["stages"]):
+            area = "/".join(parts[:2])
+        else:
+            area = parts[0] if parts else "(bucket)"
+        kinds[f"{method} {area}"] += 1
+    return kinds
 
 
 def _api_requests(log: Path) -> int:
@@ -167,6 +187,7 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
                                     f"{r['flow_run_peak_mb']:.0f} MB"),
             ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),
             ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
+            ("  per shard, the most", ", ".join(f"{k} {n:.0f}" for k, n in r["s3_kinds_per_shard"].items())),
         ]:
             print(f"  {label:<24} {value}")
         ok &= r["ratio"] <= TARGET_RATIO

@@ -31,13 +31,13 @@ from facets.llm.usage import merge_usage
 from facets.schemas.config import LLM_STAGES, BuildConfig
 from facets.storage import Store
 from facets.tasks import pairs, preference_sets, preference_trees, responses, system_messages
-from facets.flows.dispatch import ShardDispatch, cancel_shard_runs
+from facets.flows.dispatch import JournalScope, ShardDispatch, cancel_shard_runs
 from facets.flows.report import BuildReport, Progress, publish_artifacts
 from facets.schemas.shards import ShardSpec
 from facets.tasks.context import BuildContext, all_or_none
 from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
 from facets.tasks.selection import Pool, complete_instructions
-from facets.tasks.shard import Shard
+from facets.tasks.shard import Shard, overlapping
 from facets.tasks.templates import load_template
 
 STAGE_RUNNERS = {
@@ -77,12 +77,14 @@ def load_templates(config: BuildConfig) -> dict:
     }
 
 
-async def open_context(config: BuildConfig, store: Store, preflight: bool = True) -> BuildContext:
-    """Checks the endpoint and prices, then one gateway per LLM stage over one journal and one budget."""
+async def open_context(config: BuildConfig, store: Store, preflight: bool = True,
+                       stored: dict[str, list[str]] | None = None, journal: Journal | None = None) -> BuildContext:
+    """Checks the endpoint and prices, then one gateway per LLM stage over one journal and one budget;
+    `stored`: the stage files to look for stored rows in (default: those there now)."""
     models = sorted({config.model_of(stage) for stage in LLM_STAGES})
     if preflight:
         await check_endpoint(config.endpoint, models)
-    journal = Journal(config.data_dir)
+    journal = Journal(config.data_dir) if journal is None else journal
     budget = Budget(config.endpoint.max_cost)
     slots = CallSlots(config.endpoint.limits)
     gateways = {stage: Gateway(config.endpoint, journal, budget, slots, priority=LLM_STAGES.index(stage))
@@ -93,7 +95,7 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
     if config.mode == "batch":
         batches = {stage: BatchRunner(gateways[stage], config.data_dir, poll_initial_s=config.batch_poll_s)
                    for stage in LLM_STAGES}
-    return BuildContext(config, store, load_templates(config), gateways, batches)
+    return BuildContext(config, store, load_templates(config), gateways, batches, stored)
 
 
 async def run_stages(ctx: BuildContext, shard: Shard,
@@ -150,7 +152,9 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
             else:
                 shard.apply(await dispatch.run(ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi,
                                                          ids=list(shard.instructions),
-                                                         tree_limit=dispatch.tree_limit)))
+                                                         tree_limit=dispatch.tree_limit,
+                                                         journal_tag=dispatch.scope.tag,
+                                                         stored=overlapping(ctx.stored, shard.lo, shard.hi))))
                 for stage in STAGES:
                     await advance(stage, shard)
 
@@ -208,10 +212,12 @@ async def build_collection(config: BuildConfig) -> dict:
         raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
     wanted = min(config.limit or len(pool), len(pool))
     progress = Progress(listeners=PROGRESS_LISTENERS)
-    ctx = await open_context(config, store)
+    build = str(runtime.flow_run.id)
+    scope = JournalScope.of_attempt(build, runtime.flow_run.run_count) if config.shard_deployment else None
+    ctx = await open_context(config, store, journal=scope.journal(config.data_dir) if scope else None)
     complete = frozenset(complete_instructions(store, ctx.plan))
     pool.prefer(complete)
-    dispatch = ShardDispatch(config, store, str(runtime.flow_run.id)) if config.shard_deployment else None
+    dispatch = ShardDispatch(config, store, build, scope) if scope else None
     try:
         if dispatch is not None:
             await dispatch.open()

@@ -15,11 +15,12 @@ import time
 from prefect import flow, get_run_logger, runtime
 
 from facets.flows.build import open_context, run_stages
-from facets.flows.dispatch import summary_parts
+from facets.flows.dispatch import JournalScope, summary_parts
 from facets.llm.errors import RunAborted
 from facets.schemas.config import BuildConfig
 from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.storage import Store
+from facets.tasks.plan import STAGES
 from facets.tasks.selection import load_instructions
 from facets.tasks.shard import Shard
 
@@ -36,17 +37,31 @@ def tree_slot(shard: ShardSpec):
     return lambda: concurrency(shard.tree_limit, occupy=1, lease_duration=TREE_LEASE_S)
 
 
+def stored_files(store: Store, shard: ShardSpec) -> dict[str, list[str]]:
+    """Where this shard's stored rows can be: the files the build found before it started, and those
+    written under this shard's name (an earlier run of it that crashed), not the other shards' files
+    of this build: they hold other instructions, and the small ones span every bucket range."""
+    own = f"{shard.name}-"
+    found = {}
+    for stage in STAGES:
+        before = [f"{store.table_dir(stage)}/{name}" for name in shard.stored.get(stage, [])]
+        mine = [f for f in store.files(stage) if f.rsplit("/", 1)[-1].startswith(own)]
+        found[stage] = list(dict.fromkeys(before + mine))
+    return found
+
+
 @flow(name="build-shard", log_prints=True, persist_result=False)
 async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
     """Trees -> sets -> system messages -> responses -> pairs for one shard of a build-collection run."""
     started = time.monotonic()
     store = Store(config.data_dir)
     # the build checked the endpoint once; a shard run does not ask it again
-    ctx = await open_context(config, store, preflight=False)
+    journal = JournalScope(shard.journal_tag).journal(config.data_dir, shard.lo, shard.hi) if shard.journal_tag else None
+    ctx = await open_context(config, store, preflight=False, stored=stored_files(store, shard), journal=journal)
     work: Shard | None = None
     outcome: dict = {}
     try:
-        instructions = load_instructions(store, shard.ids)
+        instructions = load_instructions(store, shard.ids, (shard.lo, shard.hi))
         missing = set(shard.ids) - {i.id for i in instructions}
         if missing:
             raise ValueError(f"{len(missing)} instructions of shard {shard.name} are not in {config.data_dir}: "

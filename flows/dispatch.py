@@ -16,15 +16,56 @@ runs in flight, so together they can never exceed it (a crashed run counts as ha
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from facets.llm.errors import BudgetExceeded, RunAborted
+from facets.llm.journal import Journal, default_writer_id
 from facets.schemas.config import BuildConfig
 from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.storage import Store
+from facets.tasks.shard import bucket_range
 
 POLL_S = 2.0
 SUMMARIES = "builds"
+
+
+class JournalScope:
+    """The journal writers of one attempt of a dispatched build, tagged so that its shard runs skip each
+    other's files: a shard run indexes the journal as it was before the build and what writers of its own
+    bucket range added (an earlier run of it that crashed), not the other shards' calls, whose instructions
+    are never its own. Without this each run would read every file sealed before it: quadratic in N.
+    A retried build is a new attempt with a new tag, so it reads everything its first attempt journaled."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    @classmethod
+    def of_attempt(cls, build: str, attempt: int) -> JournalScope:
+        return cls("x" + hashlib.blake2b(f"{build}:{attempt}".encode(), digest_size=5).hexdigest())
+
+    def journal(self, data_dir: str, lo: int | None = None, hi: int | None = None) -> Journal:
+        """The build's journal (lo None: its own small shards), or a shard run's for bucket range [lo, hi]."""
+        if lo is None:
+            return Journal(data_dir, writer_id=self.writer())
+        return Journal(data_dir, writer_id=self.writer(lo, hi), skip=self.skip_others(lo, hi))
+
+    def writer(self, lo: int | None = None, hi: int | None = None) -> str:
+        """The build's own writer (its small shards), or a shard run's writer for bucket range [lo, hi]."""
+        ranged = "" if lo is None else f"b{lo:04d}-{hi:04d}-"
+        return f"{self.tag}-{ranged}{default_writer_id()}"
+
+    def skip_others(self, lo: int, hi: int) -> Callable[[str], bool]:
+        """For a shard run of [lo, hi]: this build's files other than those of writers of an overlapping range."""
+        prefix = f"{self.tag}-"
+
+        def skip(stem: str) -> bool:
+            if not stem.startswith(prefix):
+                return False
+            span = bucket_range(stem[len(prefix):])
+            return span is None or span[0] > hi or span[1] < lo
+        return skip
 
 
 class ShardRunFailed(RuntimeError):
@@ -60,8 +101,8 @@ class SpendSplit:
 class ShardDispatch:
     """Starts a shard's run on the deployment, waits for it, and takes its summary; crashed runs go again."""
 
-    def __init__(self, config: BuildConfig, store: Store, build: str):
-        self.config, self.store, self.build = config, store, build
+    def __init__(self, config: BuildConfig, store: Store, build: str, scope: JournalScope):
+        self.config, self.store, self.build, self.scope = config, store, build, scope
         self.deployment = config.shard_deployment
         self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
         self.usage: list[dict[str, dict[str, Any]]] = []

@@ -76,7 +76,8 @@ class Store:
     def write_failures(self, failures: Sequence[BaseModel], label: str = "part") -> str | None:
         return self.write(FAILURES, failures, label)
 
-    def write_table(self, directory: str, table: pa.Table, label: str = "part") -> str:
+    def write_table(self, directory: str, table: pa.Table, label: str = "part",
+                    row_group_size: int | None = None) -> str:
         # the random tail keeps two stores given the same writer id (a restarted worker) from replacing
         # each other's files: a rename or a PUT onto an existing name would lose rows without a word
         name = f"{label}-{self.writer_id}-{next(self._sequence):06d}-{uuid.uuid4().hex[:8]}.parquet"
@@ -84,11 +85,11 @@ class Store:
         self.fs.makedirs(directory, exist_ok=True)
         if self.is_local:
             temporary = f"{directory}/.{name}.tmp"
-            pq.write_table(table, temporary, **PARQUET_OPTIONS)
+            pq.write_table(table, temporary, row_group_size=row_group_size, **PARQUET_OPTIONS)
             os.replace(temporary, path)
         else:
             buffer = io.BytesIO()
-            pq.write_table(table, buffer, **PARQUET_OPTIONS)
+            pq.write_table(table, buffer, row_group_size=row_group_size, **PARQUET_OPTIONS)
             self.fs.pipe_file(path, buffer.getvalue())
         return path
 

@@ -33,19 +33,20 @@ class Request:
 
 class BuildContext:
     def __init__(self, config: BuildConfig, store: Store, templates: dict[str, Template],
-                 gateways: dict[str, Gateway], batches: dict[str, BatchRunner] | None = None):
+                 gateways: dict[str, Gateway], batches: dict[str, BatchRunner] | None = None,
+                 stored: dict[str, list[str]] | None = None):
         self.config, self.store, self.templates = config, store, templates
         self.gateways, self.batches = gateways, batches or {}
         self.plan = StagePlan.of(config, templates)
-        # the stage files there before this build: other shards of the build hold other instructions, and
-        # listing again would make each shard open the files of every shard before it (the small
-        # replacement shards span every bucket range), quadratic in the size of the build
-        self._stored = {stage: store.files(stage) for stage in STAGES}
+        # the stage files there before this build (listed now unless given): other shards of the build
+        # hold other instructions, and listing again would make each shard open the files of every shard
+        # before it (the small replacement shards span every bucket range), quadratic in the build's size
+        self.stored = stored if stored is not None else {stage: store.files(stage) for stage in STAGES}
 
     def stored_files(self, stage: str, shard: Shard) -> list[str]:
         """Where a shard's stored rows of `stage` can be: the files there before this build, and those the
         shard wrote itself (a stage that Prefect retries)."""
-        return self._stored.get(stage, []) + shard.written.get(stage, [])
+        return self.stored.get(stage, []) + shard.written.get(stage, [])
 
     def prepare(self, stage: str, messages: list[dict], **options: Any) -> Call:
         settings = self.config.stages[stage]

@@ -18,8 +18,8 @@ judge (`judge_part`) while this process takes their verdicts in file order and d
 result is the same with any number of workers, one included.
 
 Memory stays flat in the number of rows read: rows stream through, dedup keeps one integer per kept
-instruction, at most two parts per worker are in flight, output leaves in files of `rows_per_file` rows,
-and only a selection (--limit / --quota) holds its N chosen candidates. Rows are built column-wise with
+instruction, at most two parts per worker are in flight, output leaves in files of `rows_per_file` rows
+(in bucket order, row groups of `rows_per_group`, so a shard reads the groups of its range only), and only a selection (--limit / --quota) holds its N chosen candidates. Rows are built column-wise with
 the functions `Instruction.from_text` uses; the model validates the first row of every file as a guard
 against the two drifting apart.
 """
@@ -46,6 +46,7 @@ from facets.tasks.sources import RAW_CHARS, Layout, Origin, RowError, Source, du
 
 STAGE = "instructions"
 ROWS_PER_FILE = 50_000
+ROWS_PER_GROUP = 1_000  # 50 row groups a file: a shard of a few buckets reads a few of them
 # A worker's unit of work. Large enough that a part's bookkeeping is noise, small enough to keep both
 # memory (a part's verdicts) and the tail (the last part, read alone) small.
 PART_BYTES = 16 << 20
@@ -144,8 +145,10 @@ class LowestRanks:
 class InstructionWriter:
     """Buffers picks and writes each full buffer, minus ids already stored, as one Parquet file."""
 
-    def __init__(self, store: Store, catalog: Catalog, summary: IngestSummary, rows_per_file: int):
+    def __init__(self, store: Store, catalog: Catalog, summary: IngestSummary, rows_per_file: int,
+                 rows_per_group: int = ROWS_PER_GROUP):
         self.store, self.catalog, self.summary, self.rows_per_file = store, catalog, summary, rows_per_file
+        self.rows_per_group = rows_per_group
         self.buffer: list[Pick] = []
 
     def add(self, pick: Pick) -> None:
@@ -166,11 +169,13 @@ class InstructionWriter:
         if fresh:
             table = _instruction_table(fresh)
             from_table(table.slice(0, 1), Instruction)
-            self.summary.files.append(self.store.write_table(self.store.table_dir(STAGE), table, label="ingest"))
+            self.summary.files.append(self.store.write_table(self.store.table_dir(STAGE), table, label="ingest",
+                                                             row_group_size=self.rows_per_group))
 
 
 def _instruction_table(picks: list[Pick]) -> pa.Table:
-    _, ids, buckets, texts, main_sources, original_sources = zip(*picks)
+    # in bucket order, so a shard run reads only the row groups of its bucket range (load_instructions)
+    _, ids, buckets, texts, main_sources, original_sources = zip(*sorted(picks, key=lambda p: (p.bucket, p.id)))
     schema = arrow_schema(Instruction)
     return pa.table(
         {
@@ -347,6 +352,7 @@ def ingest(
     max_chars: int = DEFAULT_MAX_CHARS,
     text_column: str | None = None,
     rows_per_file: int = ROWS_PER_FILE,
+    rows_per_group: int = ROWS_PER_GROUP,
     workers: int | None = None,
     part_bytes: int = PART_BYTES,
 ) -> IngestSummary:
@@ -360,7 +366,8 @@ def ingest(
     resolved = ordered([s if isinstance(s, Source) else parse_source(s, text_column) for s in sources])
     quotas = dict(quotas or {})
     workers = default_workers() if workers is None else workers
-    _check_options(resolved, limit, quotas, text_column, max_chars, rows_per_file, workers, part_bytes)
+    _check_options(resolved, limit, quotas, text_column, max_chars, min(rows_per_file, rows_per_group), workers,
+                   part_bytes)
     for source in resolved:
         source.check()
     parts = {o.label: o.parts(part_bytes) for s in resolved for o in s.origins}
@@ -369,7 +376,7 @@ def ingest(
         store = data_dir if isinstance(data_dir, Store) else Store(data_dir)
         summary = IngestSummary({s.name: Tally() for s in resolved}, workers=workers if pool is not None else 1)
         with store.catalog() as catalog:
-            writer = InstructionWriter(store, catalog, summary, rows_per_file)
+            writer = InstructionWriter(store, catalog, summary, rows_per_file, rows_per_group)
             failures = FailureLog(store, summary, rows_per_file)
             judged = (j for s in resolved for j in _judged(s, parts, max_chars, pool, 2 * workers))
             _run(judged, writer, failures, summary, limit, seed, quotas)
@@ -396,7 +403,7 @@ def _check_options(sources: list[Source], limit: int | None, quotas: dict[str, i
     if text_column and all(s.text_column is None for s in sources):
         raise IngestError("--text-column applies to your own sources only; the paper's sources have fixed layouts")
     if max_chars < 1 or rows_per_file < 1:
-        raise IngestError("--max-chars and rows per file must be >= 1")
+        raise IngestError("--max-chars and rows per file (and per row group) must be >= 1")
     if workers < 1 or part_bytes < 1:
         raise IngestError(f"--workers must be >= 1, got {workers}" if workers < 1 else "part size must be >= 1")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,9 @@ EXPECTED_SCHEMA = pa.schema([
     ("stage", pa.string()), ("instruction_id", pa.string()), ("set_index", pa.int64()), ("fingerprint", pa.string()),
 ])
 ROW_GROUP = 5_000
+# DuckDB's memory for a release: the paper's 65,653 instructions publish within it (37 s on 2 cores)
+MEMORY_MB = 512
+log = logging.getLogger(__name__)
 # Part of the selection digest: bump when the SQL or the layouts change what a release holds.
 RELEASE_FORMAT = "release-1"
 SCHEMAS = {"sft": SFTRow, "small": SFTRow, "dpo": PreferencePairRow, "orpo": PreferencePairRow, "rm": RMRow}
@@ -112,16 +116,22 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _scan(store: Store, stage: str) -> str:
-    """A stage's rows with their file and row number: a row's address, to fetch its texts once."""
-    files = store.files(stage)
-    if not files:
-        return f"(SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number FROM {stage})"
-    listing = ", ".join(_quote(_location(store, f)) for f in files)
-    return f"read_parquet([{listing}], union_by_name=true, filename=true, file_row_number=true)"
+def _scans(store: Store) -> dict[str, str]:
+    """Each stage's rows with their file index and row number: a row's address, to fetch its texts once.
+    The files are listed once, so an index names the same file in every query of the release (a file
+    another writer adds meanwhile is in none of them); an index, not the path, keeps addresses small."""
+    scans = {}
+    for stage in (*SET_STAGES, *INSTRUCTION_STAGES):
+        files = store.files(stage)
+        if not files:
+            scans[stage] = f"(SELECT *, NULL::UBIGINT AS file_index, NULL::BIGINT AS file_row_number FROM {stage})"
+            continue
+        listing = ", ".join(_quote(_location(store, f)) for f in files)
+        scans[stage] = f"read_parquet([{listing}], union_by_name=true, file_row_number=true)"
+    return scans
 
 
-def _select(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+def _select(con: duckdb.DuckDBPyConnection, scans: dict[str, str]) -> None:
     """Temporary tables: the address of one row per expected key (_m_*), instructions, and the status of
     every instruction of the build (reason NULL: complete)."""
     clash = con.sql("""
@@ -129,7 +139,6 @@ def _select(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         HAVING count(DISTINCT fingerprint) > 1 LIMIT 1""").fetchall()
     if clash:
         raise ReleaseError(f"expected names two fingerprints for one row: {clash[0]}")
-    scans = {stage: _scan(store, stage) for stage in (*SET_STAGES, *INSTRUCTION_STAGES)}
     for stage, scan in scans.items():
         per_set = stage in SET_STAGES
         set_index = "t.set_index" if per_set else "-1"
@@ -139,9 +148,9 @@ def _select(con: duckdb.DuckDBPyConnection, store: Store) -> None:
         # duplicates (a retried shard) are identical but for created_at: the earliest is taken
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE _m_{stage} AS
-            SELECT t.instruction_id, {set_index} AS set_index, t.filename AS _file, t.file_row_number AS _row{extra},
+            SELECT t.instruction_id, {set_index} AS set_index, t.file_index AS _file, t.file_row_number AS _row{extra},
                    row_number() OVER (PARTITION BY t.instruction_id, {set_index}
-                                      ORDER BY t.created_at, t.filename, t.file_row_number) AS _rn
+                                      ORDER BY t.created_at, t.file_index, t.file_row_number) AS _rn
             FROM {scan} t
             JOIN (SELECT DISTINCT instruction_id, set_index, fingerprint FROM _expected WHERE stage = '{stage}') e
               ON {on}""")
@@ -196,28 +205,39 @@ def _selection_digest(con: duckdb.DuckDBPyConnection, seed: int, test_fraction: 
     """What decides the datasets' content, cheaper than the content itself: the complete instructions' rows
     of the build by fingerprint (a fingerprint fixes a row's content, DESIGN principle 1), their sources,
     the split parameters and the layout version. Equal digests give equal datasets, so a no-op rebuild
-    finds its release without rewriting it."""
-    rows, instructions = con.sql("""
-        SELECT
-          (SELECT sha256(coalesce(string_agg(e.stage || '|' || e.instruction_id || '|' || e.set_index || '|' || e.fingerprint,
-                                             chr(10) ORDER BY e.stage, e.instruction_id, e.set_index), ''))
-           FROM (SELECT DISTINCT stage, instruction_id, set_index, fingerprint FROM _expected) e
-           JOIN _status s ON s.instruction_id = e.instruction_id AND s.reason IS NULL),
-          (SELECT sha256(coalesce(string_agg(i.instruction_id || '|' || i.main_source || '|' || i.original_source || '|'
-                                             || sha256(i.text), chr(10) ORDER BY i.instruction_id), ''))
-           FROM _instr i JOIN _status s ON s.instruction_id = i.instruction_id AND s.reason IS NULL)""").fetchall()[0]
+    finds its release without rewriting it. Each part is hashed as its lines stream out of a sort, which
+    DuckDB spills: one string of every line would not (at 65k instructions, more than a 256 MB limit)."""
+    rows = _lines_sha256(con, """
+        SELECT e.stage || '|' || e.instruction_id || '|' || e.set_index || '|' || e.fingerprint
+        FROM (SELECT DISTINCT stage, instruction_id, set_index, fingerprint FROM _expected) e
+        JOIN _status s ON s.instruction_id = e.instruction_id AND s.reason IS NULL
+        ORDER BY e.stage, e.instruction_id, e.set_index""")
+    instructions = _lines_sha256(con, """
+        SELECT i.instruction_id || '|' || i.main_source || '|' || i.original_source || '|' || sha256(i.text)
+        FROM _instr i JOIN _status s ON s.instruction_id = i.instruction_id AND s.reason IS NULL
+        ORDER BY i.instruction_id""")
     payload = json.dumps([RELEASE_FORMAT, int(seed), float(test_fraction), rows, instructions])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _build_rows(con: duckdb.DuckDBPyConnection, store: Store) -> None:
+def _lines_sha256(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """sha256 (hex) of the query's one string column, its rows joined by newlines."""
+    digest, first = hashlib.sha256(), True
+    for batch in con.sql(query).to_arrow_reader(ROW_GROUP):
+        lines = batch.column(0).to_pylist()
+        if lines:
+            digest.update(("" if first else "\n").encode() + "\n".join(lines).encode())
+            first = False
+    return digest.hexdigest()
+
+
+def _build_rows(con: duckdb.DuckDBPyConnection, scans: dict[str, str]) -> None:
     """_rows (the only table holding texts; DuckDB spills it to disk) and the _pairrows view over it."""
     set_stages = ", ".join(f"'{s}'" for s in SET_STAGES)
-    scans = {stage: _scan(store, stage) for stage in SET_STAGES}
 
     def fetch(stage: str, column: str, alias: str) -> str:
         return f"""(SELECT m.instruction_id, m.set_index, t.{column} AS {alias}
-                    FROM _m_{stage} m JOIN {scans[stage]} t ON t.filename = m._file AND t.file_row_number = m._row
+                    FROM _m_{stage} m JOIN {scans[stage]} t ON t.file_index = m._file AND t.file_row_number = m._row
                     WHERE m._rn = 1)"""
 
     con.execute(f"""
@@ -448,14 +468,30 @@ def _scratch(store: Store, kind: str) -> str:
 
 
 def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed: int = 0,
-                    test_fraction: float = 0.005, memory_limit: str | None = "1GB") -> Release:
+                    test_fraction: float = 0.005, memory_mb: int | None = MEMORY_MB) -> Release:
     """Publish the build's rows as `releases/<version>/` (see the module docstring); returns what it did.
 
-    `seed` draws the RM test split (`test_fraction` of the pairs, see `rm_test_size`); `memory_limit`
-    bounds DuckDB, which spills to the data dir beyond it (None: DuckDB's default, most of the RAM).
+    `seed` draws the RM test split (`test_fraction` of the pairs, see `rm_test_size`). `memory_mb` bounds
+    DuckDB, which spills to the data dir beyond it, on one thread (DuckDB needs more memory per thread to
+    spill these joins of long texts): the release's memory does not grow with the collection. Should a
+    collection still not fit, the release is made again with twice the memory, up to 8 times
+    (None: no limit, DuckDB's default of most of the RAM, on every core).
     """
     expected = _expected_table(expected)
     rm_test_size(1, test_fraction)  # validates the fraction before any work
+    limits = [None] if memory_mb is None else [memory_mb * 2**i for i in range(4)]
+    for limit in limits:
+        try:
+            return _publish(store, expected, info, seed, test_fraction, limit)
+        except (duckdb.OutOfMemoryException, OSError) as error:
+            if "Out of Memory" not in str(error) or limit == limits[-1]:
+                raise
+            log.warning("the release needs more than DuckDB's %d MB; making it again with %d MB", limit, 2 * limit)
+    raise AssertionError("unreachable")
+
+
+def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, test_fraction: float,
+             memory_mb: int | None) -> Release:
     started = time.monotonic()
     scratch: list[str] = []
     try:
@@ -463,10 +499,12 @@ def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed
             con = catalog.con
             scratch.append(_scratch(store, "spill"))
             con.execute("SET temp_directory = " + _quote(scratch[-1]))
-            if memory_limit:
-                con.execute("SET memory_limit = " + _quote(memory_limit))
+            if memory_mb is not None:
+                con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
+                con.execute("SET threads = 1")
             con.register("_expected", expected)
-            _select(con, store)
+            scans = _scans(store)
+            _select(con, scans)
             selection = _selection_digest(con, seed, test_fraction)
             current = _current_release(store, selection)
             left_out = dict(con.sql("SELECT reason, count(*) FROM _status WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 1").fetchall())
@@ -479,7 +517,7 @@ def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed
                 counts = {**current[1]["counts"], "left_out": sum(left_out.values())}
                 return Release(version=current[0], path=_location(store, store.path("releases", current[0])),
                                counts=counts, is_new=False, latest_changed=False, left_out=left_out)
-            _build_rows(con, store)
+            _build_rows(con, scans)
             scratch.append(staging := _scratch(store, "release"))
             splits, entries = _write_datasets(con, staging, seed, rm_test_size(pairs, test_fraction))
             content_hash = hashlib.sha256("".join(f"{n}\t{e['sha256']}\n" for n, e in sorted(entries.items())).encode()).hexdigest()

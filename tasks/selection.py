@@ -46,12 +46,16 @@ class Pool:
         return load_instructions(self.store, ids)
 
 
-def load_instructions(store: Store, ids: list[str]) -> list[Instruction]:
-    """The stored instructions of these ids, one each."""
+def load_instructions(store: Store, ids: list[str], buckets: tuple[int, int] | None = None) -> list[Instruction]:
+    """The stored instructions of these ids, one each; `buckets` (lo, hi), where they all fall, lets the
+    read skip the row groups outside that range (ingest writes in bucket order)."""
     files = store.files(STAGE)
     if not ids or not files:
         return []
-    table = ds.dataset(files, format="parquet", filesystem=store.fs).to_table(filter=ds.field("id").isin(ids))
+    wanted = ds.field("id").isin(ids)
+    if buckets is not None:
+        wanted = (ds.field("bucket") >= buckets[0]) & (ds.field("bucket") <= buckets[1]) & wanted
+    table = ds.dataset(files, format="parquet", filesystem=store.fs).to_table(filter=wanted)
     if not table.num_rows:
         return []
     # one row per id: ingest never writes an id twice, but two concurrent ingests might

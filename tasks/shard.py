@@ -133,9 +133,20 @@ def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str
     return found
 
 
+def overlapping(stored: dict[str, list[str]], lo: int, hi: int) -> dict[str, list[str]]:
+    """stage -> the names of those of its files `stored` whose bucket range overlaps [lo, hi]."""
+    return {stage: [f.rsplit("/", 1)[-1] for f in files if _overlaps(f, lo, hi)] for stage, files in stored.items()}
+
+
+def bucket_range(name: str) -> tuple[int, int] | None:
+    """The bucket range a file name starts with (a shard's name, `b0000-0255-...`), if it has one."""
+    match = _RANGE.match(name)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
 def _overlaps(path: str, lo: int, hi: int) -> bool:
-    match = _RANGE.match(path.rsplit("/", 1)[-1])
-    return match is None or (int(match[1]) <= hi and int(match[2]) >= lo)
+    span = bucket_range(path.rsplit("/", 1)[-1])
+    return span is None or (span[0] <= hi and span[1] >= lo)
 
 
 def write_rows(store: Store, stage: str, shard: Shard, rows: list[BaseModel]) -> None:

@@ -13,15 +13,18 @@ from prefect.testing.utilities import prefect_test_harness
 from facets.flows.automations import NAME, START_NAME, ensure_zombie_automations, zombie_automations
 from facets.flows.build import build_collection
 from facets.flows.build_shard import build_shard
-from facets.flows.dispatch import SpendSplit, summary_parts
+from facets.flows.dispatch import JournalScope, SpendSplit, summary_parts
 from facets.llm.errors import BudgetExceeded
+from facets.llm.journal import Journal, JournalEntry, request_key
 from facets.llm.simulator import run_simulator
 from facets.llm.usage import merge_usage
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits
 from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.storage import Store
 from facets.tasks.ingest import ingest
+from facets.tasks.plan import STAGES
 from facets.tasks.selection import Pool
+from facets.tasks.shard import overlapping
 
 NECTAR = Path(__file__).parent / "data" / "sources" / "nectar" / "data.jsonl"
 
@@ -125,3 +128,61 @@ def test_a_shard_deployment_that_is_not_there_stops_the_build_before_any_call(tm
         assert sim.stats()["requests"] == 0
     with pytest.raises(ValueError, match="FLOW/DEPLOYMENT"):
         BuildConfig(shard_deployment="build-shard")
+
+
+def _two_ranges(data_dir: str) -> tuple[list[str], list[str]]:
+    """Instruction ids of the lower and of the upper half of the bucket ring, three of each."""
+    pool = Pool(Store(data_dir), seed=0)
+    instructions = pool.load(pool.order)
+    low = [i.id for i in instructions if i.bucket < 512][:3]
+    high = [i.id for i in instructions if i.bucket >= 512][:3]
+    return low, high
+
+
+def test_a_shard_run_reads_the_journal_before_its_build_and_its_own_range_not_the_other_shards(tmp_path):
+    data_dir = str(tmp_path / "data")
+    ingest(data_dir, [f"nectar={NECTAR}"], seed=0)
+    low, high = _two_ranges(data_dir)
+    earlier = Journal(data_dir)  # a call of an earlier build: every shard run of this one may need it
+    earlier.put(JournalEntry(key=request_key("http://sim/v1", "m", [{"role": "user", "content": "old"}], None, {}, None),
+                             model="m", content="old"))
+    earlier.close()
+    scope = JournalScope.of_attempt("build-1", 1)
+    with scope.journal(data_dir) as own:  # the build's own writer: its small shards, never a shard run's
+        own.put(JournalEntry(key=request_key("http://sim/v1", "m", [{"role": "user", "content": "small"}], None, {},
+                                             None), model="m", content="small"))
+    with run_simulator(seed=1) as sim:
+        config = BuildConfig(data_dir=data_dir, endpoint=EndpointConfig(base_url=sim.base_url, api_key="k",
+                                                                         model="facets-sim",
+                                                                         limits=RateLimits(rpm=60_000)))
+        asyncio.run(build_shard(config, ShardSpec(build="build-1", lo=0, hi=511, ids=low, journal_tag=scope.tag)))
+    with Journal(data_dir) as plain:
+        everything = len(plain)
+    assert everything >= 2 + 7  # the two above and at least one instruction's calls
+    with scope.journal(data_dir, 512, 1023) as other_shard:
+        assert len(other_shard) == 1  # the earlier build's call only
+    with scope.journal(data_dir, 0, 255) as same_range:  # a rerun of the lower shard, or a part of it
+        assert len(same_range) == everything - 1
+    with JournalScope.of_attempt("build-1", 2).journal(data_dir, 512, 1023) as next_attempt:
+        assert len(next_attempt) == everything  # a retried build reads all that its first attempt paid for
+
+
+def test_a_shard_run_looks_for_stored_rows_where_the_build_listed_them_and_under_its_own_name(tmp_path):
+    data_dir = str(tmp_path / "data")
+    ingest(data_dir, [f"nectar={NECTAR}"], seed=0)
+    low, _ = _two_ranges(data_dir)
+    with run_simulator(seed=1) as sim:
+        config = BuildConfig(data_dir=data_dir, endpoint=EndpointConfig(base_url=sim.base_url, api_key="k",
+                                                                         model="facets-sim",
+                                                                         limits=RateLimits(rpm=60_000)))
+        first = asyncio.run(build_shard(config, ShardSpec(build="b1", lo=0, hi=511, ids=low)))
+        accepted, paid = len(first["accepted"]), sim.stats()["requests"]
+        listing = {stage: Store(data_dir).files(stage) for stage in STAGES}
+        # wider shards of later builds: the b0000-0511 files are not their own, so only a listing finds them
+        unlisted = asyncio.run(build_shard(config, ShardSpec(build="b2", lo=0, hi=1023, ids=first["accepted"])))
+        listed = asyncio.run(build_shard(config, ShardSpec(build="b3", lo=0, hi=767, ids=first["accepted"],
+                                                           stored=overlapping(listing, 0, 767))))
+        asked_again = sim.stats()["requests"] - paid
+    assert accepted and unlisted["counts"]["responses"]["reused"] == 0  # remade, from the journal
+    assert listed["counts"]["responses"]["reused"] == 3 * accepted
+    assert asked_again == 0

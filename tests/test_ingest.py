@@ -804,3 +804,25 @@ def test_options_errors_from_the_python_api(tmp_path):
         ingest(tmp_path / "data", [])
     with pytest.raises(IngestError):
         ingest(tmp_path / "data", [f"dsp={DSP}"], max_chars=0)
+
+
+def test_instructions_are_stored_in_bucket_order_so_a_shard_reads_only_the_row_groups_of_its_range(tmp_path):
+    import pyarrow.dataset as ds
+
+    from facets.tasks.selection import load_instructions
+
+    store = Store(str(tmp_path / "data"))
+    ingest(store, [f"nectar={NECTAR}", f"openhermes={OPENHERMES}"], seed=0, rows_per_group=16, workers=1)
+    (path,) = store.files("instructions")
+    groups = [pq.ParquetFile(path).metadata.row_group(i) for i in range(pq.ParquetFile(path).num_row_groups)]
+    bounds = [(g.column(1).statistics.min, g.column(1).statistics.max) for g in groups]  # the bucket column
+    assert len(groups) > 4 and all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))
+    everything = {i.id: i for i in load_instructions(store, store.read("instructions", columns=["id"])
+                                                     .column("id").to_pylist())}
+    lo, hi = 256, 511
+    in_range = sorted(iid for iid, i in everything.items() if lo <= i.bucket <= hi)
+    assert sorted(i.id for i in load_instructions(store, in_range, (lo, hi))) == in_range
+    wanted = (ds.field("bucket") >= lo) & (ds.field("bucket") <= hi)
+    (fragment,) = ds.dataset([path], format="parquet").get_fragments()
+    read = fragment.split_by_row_group(filter=wanted)  # the row groups the statistics cannot rule out
+    assert len(read) <= len(groups) // 4 + 2

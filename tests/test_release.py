@@ -439,3 +439,19 @@ def test_object_store_gives_the_same_release(published):
         assert not again.is_new and again.version == release.version
     finally:
         store.fs.rm(store.root, recursive=True)
+
+
+def test_a_release_that_does_not_fit_duckdbs_memory_is_made_again_with_more(tmp_path, published, caplog):
+    import duckdb
+
+    _, _, first = published
+    store = Store(tmp_path / "data")
+    build = Build(store)
+    build.write()
+    with pytest.raises(duckdb.OutOfMemoryException):  # 1, 2, 4 and 8 MB: too little for DuckDB itself
+        publish_release(store, build.expected(), INFO, seed=3, memory_mb=1)
+    assert not (Path(store.root) / "releases").exists()
+    with caplog.at_level("WARNING", logger="facets.tasks.release"):
+        release = publish_release(store, build.expected(), INFO, seed=3, memory_mb=5)
+    assert release.version == first.version and release.is_new
+    assert "making it again with 10 MB" in caplog.text
