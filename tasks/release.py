@@ -14,6 +14,9 @@ rebuild does not even rewrite the datasets: when the latest release was publishe
 selection (the build's fingerprints, its complete instructions, the split parameters), it is the answer.
 A new release is staged in full, then moved into place in one rename (one PUT per file on object stores,
 `manifest.json` last); `releases/LATEST` is written after it.
+
+Memory: DuckDB works within `MEMORY_MB` and spills the rest to the data dir's disk, so the release of the
+paper's 65,653 instructions takes no more memory than that of a few thousand.
 """
 from __future__ import annotations
 
