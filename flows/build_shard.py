@@ -56,7 +56,8 @@ async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
     started = time.monotonic()
     store = Store(config.data_dir)
     # the build checked the endpoint once; a shard run does not ask it again
-    journal = JournalScope(shard.journal_tag).journal(config.data_dir, shard.lo, shard.hi) if shard.journal_tag else None
+    scope = JournalScope(shard.journal_tag) if shard.journal_tag else None
+    journal = scope.journal(config.data_dir, shard.lo, shard.hi) if scope else None
     ctx = await open_context(config, store, preflight=False, stored=stored_files(store, shard), journal=journal)
     work: Shard | None = None
     outcome: dict = {}
