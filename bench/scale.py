@@ -18,6 +18,9 @@ Figures per W:
 - Prefect API requests per 1,000 LLM calls: HTTP requests in the server's access log during the build
   (workers, flow runs and the build together; events travel over websockets and are not counted).
 - S3 requests per shard: every request moto served during the build, over the shards.
+- where the time went, from the server's flow and task runs: how long a shard run waited for a worker
+  and took to start its first stage, how busy the tree slots were, how many shard runs ran at once on
+  average; and how busy the machine's CPUs were (every process on it: server, workers, simulator, S3).
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +107,8 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     limits = {"rpm": args.rpm, "tpm": args.tpm, "share_via": REDIS}
     config = {"sources": [f"mine={source}"], "limit": args.n, "shard_size": args.shard_size, "data_dir": data_dir,
-              "max_concurrent_shards": args.concurrency, "shard_deployment": "build-shard/default",
+              "max_concurrent_shards": args.concurrency,
+              "max_tree_shards": args.max_tree_shards, "shard_deployment": "build-shard/default",
               "endpoint": {"model": "facets-sim", "limits": limits, "failure_window": args.failure_window}}
     (home / "config.json").write_text(json.dumps(config))
     try:
@@ -113,15 +119,16 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             sampler.start()
             api0 = _api_requests(stack.server_log)
             s3_0, sim0, log0 = sum(s3.requests().values()), sim.stats(), len(s3.log())
-            started = time.perf_counter()
+            started, cpu0 = time.perf_counter(), _cpu_busy()
             with open(home / "build.log", "wb") as log:
                 done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--config",
                                        str(home / "config.json"), "--quiet"],
                                       env={**env, "PREFECT_API_URL": stack.api_url, "OPENAI_BASE_URL": sim.base_url},
                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            wall = time.perf_counter() - started
+            wall, cpu = time.perf_counter() - started, _cpu_busy() - cpu0
             sampler.stop()
-            stats, s3_requests = sim.stats(), sum(s3.requests().values()) - s3_0
+            spent = timeline(stack.api_url, args.max_tree_shards)
+            stats, s3_requests = sim.stats(timestamps=True), sum(s3.requests().values()) - s3_0
             s3_kinds = _s3_kinds(s3.log()[log0:])
             api = _api_requests(stack.server_log) - api0
     finally:
@@ -140,7 +147,72 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             "api_per_1000_calls": 1000 * api / max(1, stats["requests"] - sim0["requests"]),
             "s3_requests": s3_requests, "s3_per_shard": s3_requests / max(1, shards),
             "s3_kinds_per_shard": {k: n / max(1, shards) for k, n in s3_kinds.most_common(6)},
-            "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1]}
+            "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1], "timeline": spent,
+            "limited_by": stats["rate_limited_by"], "use_by_10s": _use_by_10s(stats["admitted_timestamps"], args.rpm),
+            "cpu_busy": cpu / wall / (os.cpu_count() or 1)}
+
+
+def _runs(api_url: str, kind: str, body: dict) -> list[dict]:
+    """Every flow or task run the server holds that matches `body`, page by page."""
+    found: list[dict] = []
+    while True:
+        request = urllib.request.Request(f"{api_url}/{kind}/filter", method="POST",
+                                         data=json.dumps({**body, "limit": 200, "offset": len(found)}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            page = json.load(reply)
+        found += page
+        if len(page) < 200:
+            return found
+
+
+def _at(stamp: str | None) -> float | None:
+    return datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
+def _busy(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Mean number of the spans open at once over [start, end]."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans) / max(end - start, 1e-9)
+
+
+def timeline(api_url: str, max_tree_shards: int) -> dict:
+    """Where a build's time went, from the flow and task runs the server recorded."""
+    shard_runs = [r for r in _runs(api_url, "flow_runs", {"flows": {"name": {"any_": ["build-shard"]}}})
+                  if r.get("start_time") and r.get("end_time")]
+    tasks = [t for t in _runs(api_url, "task_runs", {}) if t.get("start_time") and t.get("end_time")]
+    first_task: dict[str, float] = {}
+    for t in tasks:
+        run = t.get("flow_run_id")
+        first_task[run] = min(first_task.get(run, math.inf), _at(t["start_time"]))
+    trees = [(_at(t["start_time"]), _at(t["end_time"])) for t in tasks if t["name"].startswith("preference_trees-")]
+    runs = [(_at(r["start_time"]), _at(r["end_time"])) for r in shard_runs]
+    if not runs:
+        return {}
+    start, end = min(a for a, _ in runs), max(b for _, b in runs)
+    waits = [_at(r["start_time"]) - _at(r["expected_start_time"]) for r in shard_runs if r.get("expected_start_time")]
+    starts = [first_task[r["id"]] - _at(r["start_time"]) for r in shard_runs if r["id"] in first_task]
+    tree_seconds = [b - a for a, b in trees]
+    return {"shard_runs": len(runs), "phase_s": end - start, "run_s": sum(b - a for a, b in runs) / len(runs),
+            "wait_s": sum(waits) / max(1, len(waits)), "first_stage_s": sum(starts) / max(1, len(starts)),
+            "tree_s": sum(tree_seconds) / max(1, len(tree_seconds)), "trees": len(trees),
+            "tree_busy": _busy(trees, start, end) / max_tree_shards, "running": _busy(runs, start, end)}
+
+
+def _use_by_10s(admitted: list[float], rpm: float) -> list[int]:
+    """Requests the simulator admitted in each 10 s from the first to the last, as % of the RPM's 10 s worth."""
+    if not admitted:
+        return []
+    first = admitted[0]
+    counts = Counter(int((t - first) // 10) for t in admitted)
+    return [round(100 * counts[i] / (rpm / 6)) for i in range(max(counts) + 1)]
+
+
+def _cpu_busy() -> float:
+    """Seconds of CPU the whole machine spent so far (all cores, every process)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def _s3_kinds(log: list[tuple[str, str, int]]) -> Counter:
@@ -170,7 +242,8 @@ def _api_requests(log: Path) -> int:
 def show(results: list[dict], args: argparse.Namespace) -> bool:
     print(f"\n{os.cpu_count()} CPUs; N = {args.n}; simulator {args.latency_ms:g} ms +- {args.jitter_ms:g} ms, "
           f"RPM {args.rpm:g}, TPM {args.tpm:g}; shard size {args.shard_size}; worker limit {args.worker_limit}; "
-          f"{args.concurrency} shard runs in flight at most")
+          f"{args.concurrency} shard runs in flight at most, "
+          f"{args.max_tree_shards} making trees at once")
     if args.n < PAPER_N:
         print(f"N = {args.n} is BELOW the paper's {PAPER_N:,}: {args.why_small}")
     ok = True
@@ -181,18 +254,30 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
             ("accepted", f"{r['accepted']} of {args.n}, {r['shards']} shards"),
             ("wall / bound", f"{r['ratio']:.3f} (wall {r['wall_s']:.1f} s, bound {r['bound_s']:.1f} s; "
                              f"target <= {TARGET_RATIO})"),
-            ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']}, "
-                                      f"paid twice {r['paid_twice']}"),
+            ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']} "
+                                      f"{r['limited_by'] or ''}, paid twice {r['paid_twice']}"),
+            ("% of RPM by 10 s", " ".join(str(u) for u in r["use_by_10s"])),
             ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most "
                                     f"{r['flow_run_peak_mb']:.0f} MB"),
             ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),
             ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
             ("  per shard, the most", ", ".join(f"{k} {n:.0f}" for k, n in r["s3_kinds_per_shard"].items())),
+            ("machine CPU busy", f"{100 * r['cpu_busy']:.0f}% of {os.cpu_count()} CPUs over the build"),
+            *_timeline_lines(r["timeline"]),
         ]:
             print(f"  {label:<24} {value}")
         ok &= r["ratio"] <= TARGET_RATIO
     print(f"\ntarget wall/bound <= {TARGET_RATIO} at every worker count: {'met' if ok else 'NOT met'}")
     return ok
+
+
+def _timeline_lines(t: dict) -> list[tuple[str, str]]:
+    if not t:
+        return []
+    return [("shard runs", f"{t['shard_runs']} over {t['phase_s']:.0f} s, {t['running']:.1f} running at once on "
+                           f"average, {t['run_s']:.1f} s each"),
+            ("  a run's start", f"{t['wait_s']:.1f} s for a worker, then {t['first_stage_s']:.1f} s to its first stage"),
+            ("  tree slots busy", f"{100 * t['tree_busy']:.0f}% ({t['trees']} tree stages, {t['tree_s']:.1f} s each)")]
 
 
 def main() -> int:
@@ -206,6 +291,7 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--worker-limit", type=int, default=4, help="flow runs per worker at once")
     parser.add_argument("--concurrency", type=int, default=8, help="shard runs in flight at once (the default)")
+    parser.add_argument("--max-tree-shards", type=int, default=1, help="shards making trees at once, all workers")
     parser.add_argument("--failure-window", type=int, default=5000, help="as bench/build.py's FAILURE_WINDOW")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK['n']}, workers {QUICK['workers']}")
@@ -229,8 +315,7 @@ def main() -> int:
             results = []
             for workers in [int(w) for w in args.workers.split(",")]:
                 results.append(run_workers(workers, args, source, scratch, s3))
-                print(f"{workers} workers: wall {results[-1]['wall_s']:.1f} s, bound {results[-1]['bound_s']:.1f} s",
-                      file=sys.stderr)
+                show(results[-1:], args)  # each run's figures as soon as it ends: a long bench may be stopped
         ok = show(results, args)
     finally:
         if not args.keep:

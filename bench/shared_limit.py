@@ -3,8 +3,8 @@
     python bench/shared_limit.py                      # 3 workers, 1,200 RPM, 400 calls each, both ways
     python bench/shared_limit.py --workers 4 --rpm 3000 --calls 600
 
-- `split`: our even split through Redis (`share_via`, llm/limit_share.py): each process paces its own
-  token bucket at 1/n of the RPM, n re-read every second. One Redis request a second per process.
+- `lease`: one token bucket in Redis (`share_via`, llm/limit_share.py): each process queues its calls
+  against local buckets and pays what they owe from the Redis bucket every 0.1 s, in one script.
 - `prefect`: Prefect's own global concurrency limit with slot decay (`rate_limit(name, occupy=k)`), taken
   in blocks of `--block` calls (one server round trip per block, never one per call), the local limiter
   off. The limit holds `--block` x workers slots and decays at RPM / 60 a second.
@@ -36,7 +36,7 @@ way, base_url, rpm, calls, block, tag, name = sys.argv[1:8]
 rpm, calls, block = float(rpm), int(calls), int(block)
 
 async def main():
-    limits = (RateLimits(rpm=rpm, burst_s=1.0, share_via=sys.argv[8]) if way == "split"
+    limits = (RateLimits(rpm=rpm, burst_s=1.0, share_via=sys.argv[8]) if way == "lease"
               else RateLimits(rpm=0, max_in_flight=64))
     config = EndpointConfig(base_url=base_url, api_key="bench", model="facets-sim", limits=limits)
     trips = 0
@@ -44,8 +44,10 @@ async def main():
         async def one(i):
             return await gateway.chat([{"role": "user", "content": f"{tag} {i}"}], stage="s", key=str(i),
                                       sampling=Sampling(max_tokens=1000))
-        if way == "split":
+        if way == "lease":
             await asyncio.gather(*(one(i) for i in range(calls)))
+            from facets.llm.limiter import shared_limiter
+            trips = shared_limiter(gateway.url, "facets-sim", limits).lease.trips
         else:
             from prefect.concurrency.asyncio import rate_limit
             pending = []
@@ -120,7 +122,7 @@ def main() -> int:
     from facets.flows.commands.server import LocalPrefect, free_port
 
     results = []
-    results.append(run_way("split", args, None))
+    results.append(run_way("lease", args, None))
     with LocalPrefect(ROOT, port=free_port(), pools=["cpu"], cpu_workers=0, deploy=False,
                       log_dir=Path(tempfile.mkdtemp(prefix="facets-limit-bench-")),
                       env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp(prefix="facets-limit-home-")}) as stack:
@@ -132,7 +134,8 @@ def main() -> int:
     for r in results:
         print(f"{r['way']:<9}{r['max_60s']:>8} / {budget_60:<5g}{r['max_10s']:>8} / {budget_10:<5g}"
               f"{100 * r['budget_used']:>12.1f}%{r['span_s']:>8.1f}s{r['server_trips']:>14}")
-    print("server trips: Prefect API acquisitions (the split makes one Redis request a second per process instead)")
+    print("server trips: Redis leases (lease; at most ten a second per process with calls queued), "
+          "Prefect API acquisitions (prefect)")
     return 0
 
 

@@ -371,8 +371,9 @@ class Gateway:
             async with self._slots.reserving.slot(self.priority):
                 output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
                 reservation, wait = limiter.reserve(input_tokens, output_tokens)
-                if wait > 0:
+                while wait > 0:  # its place may have moved while it slept: it looks again
                     await _sleep_to_tick(wait)
+                    wait = limiter.due_in(reservation)
                 while (pause := limiter.pause_remaining()) > 0:
                     await asyncio.sleep(pause)
                 while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
@@ -380,13 +381,13 @@ class Gateway:
                 await self._slots.in_flight.acquire(self.priority)
         except BaseException:  # cancelled while waiting its turn: give back what it holds
             if reservation is not None:
-                limiter.release(reservation)
+                limiter.withdraw(reservation)
             if held is not None:
                 self.budget.settle(held, 0.0)
             raise
         try:
             if self.aborted is not None:  # the run stopped while this call waited for its turn
-                limiter.release(reservation)
+                limiter.withdraw(reservation)
                 self.budget.settle(held, 0.0)
                 self._stop_if_aborted()
             started = time.perf_counter()

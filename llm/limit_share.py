@@ -1,110 +1,107 @@
-"""One endpoint's limits shared by many worker processes: a split that re-balances as they come and go.
+"""One endpoint's limits shared by many worker processes: one token bucket in Redis, taken in leases.
 
-Each process that paces calls to an (endpoint, model) registers itself in a Redis sorted set and beats
-every second; members that missed three beats are dropped. With each beat a member also says what it
-wants: "all it can get" when calls wait in its limiter, else the request rate it reserved over the last
-beat (with headroom to grow). The limit is then split by water-filling (`split`): members that want
-less than an even part get what they want, the rest share what is left evenly; with nobody waiting,
-each gets its rate and an even part of the rest. So a shard draining its last retries, or a run between
-stages, does not hold a budget it cannot use. No round trip per call (DESIGN decision 14): two small
-requests a second. A process that joins counts as wanting all it can get and starts from an empty
-bucket in debt for 1.5 beats (`Limiter.hold`), so that the others have lowered their share before its
-first call, and a 60 s window never holds more than the limit.
+Redis holds the endpoint's buckets (requests, tokens, input and output tokens), refilled at the
+configured rates up to `burst_s` of them, as the endpoint's own are. No process pays a round trip per
+call (DESIGN decision 14): its limiter queues calls against local buckets that go into debt
+(llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
+script for all the buckets, at most LEASE_MAX_S of the whole rate at a time. A process with nothing queued
+asks for nothing and holds nothing; what it was given back (a reply shorter than reserved) beyond
+LEASE_S of the rate goes back to Redis. So the busy processes have the whole limit between them the
+moment they need it, whichever and however many they are, and no more leaves Redis in any span than the
+rate allows plus one burst. Redis away: a process goes on at the pace it was last paid, and asks again.
 """
 from __future__ import annotations
 
 import atexit
-import math
+import random
 import threading
 import time
-import uuid
+from typing import TYPE_CHECKING
 
-BEAT_S = 1.0
-MISSED_BEATS = 3
-HEADROOM = 1.25  # a member that is not waiting may grow by this much before its next beat
-MIN_SHARE = 0.02
+if TYPE_CHECKING:
+    from facets.llm.limiter import Limiter
+
+LEASE_S = 0.1
+LEASE_MAX_S = 0.5  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
+KEY_TTL_S = 300  # an idle limit's buckets expire; the next taker finds them full, as they would be by then
+
+# KEYS[1]: the limit's hash; ARGV: per bucket, its name, rate per second, capacity and amount (> 0: take up
+# to it; < 0: give it back). Returns what each bucket gave, as strings (Redis would cut numbers to integers).
+TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local given = {}
+for i = 1, #ARGV, 4 do
+  local name, rate, cap, amount = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local state = redis.call('HMGET', KEYS[1], name .. ':level', name .. ':stamp')
+  local level = tonumber(state[1]) or cap
+  local stamp = tonumber(state[2]) or now
+  level = math.min(cap, level + math.max(0, now - stamp) * rate)
+  local gave = 0
+  if amount > 0 then
+    gave = math.min(amount, math.max(level, 0))
+    level = level - gave
+  else
+    level = math.min(cap, level - amount)
+  end
+  redis.call('HSET', KEYS[1], name .. ':level', tostring(level), name .. ':stamp', tostring(now))
+  given[#given + 1] = tostring(gave)
+end
+redis.call('EXPIRE', KEYS[1], %d)
+return given
+""" % KEY_TTL_S
 
 
-def split(wants: dict[str, float]) -> dict[str, float]:
-    """Shares (summing to 1) of members that want these fractions of the limit (inf: all they can get)."""
-    shares: dict[str, float] = {}
-    left, open_ = 1.0, sorted(wants, key=lambda m: wants[m])
-    while open_ and wants[open_[0]] * len(open_) <= left:  # wants no more than an even part of what is left
-        member = open_.pop(0)
-        shares[member] = max(MIN_SHARE, wants[member])
-        left -= shares[member]
-    for member in open_:
-        shares[member] = max(MIN_SHARE, left / len(open_))
-    if not open_ and left > 0:  # everybody satisfied: the rest is spread evenly, room to grow
-        for member in shares:
-            shares[member] += left / len(shares)
-    total = sum(shares.values())
-    return {member: share / total for member, share in shares.items()}
+class LimitLease:
+    """This process's part of a limit kept in Redis: a thread that pays its limiter's debts from there."""
 
-
-class LimitShare:
-    def __init__(self, url: str, key: str, on_share, waiting=None, reserved=None, full_rate: float = 0.0):
+    def __init__(self, url: str, key: str, limiter: Limiter):
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=5)
         self.key = f"facets:limit:{key}"
-        self.wants_key = f"{self.key}:wants"
-        self.member = uuid.uuid4().hex
-        self.on_share = on_share
-        # this process's limiter: calls waiting, requests reserved so far, and the unshared request rate;
-        # without them a member always wants all it can get (an even split)
-        self.waiting, self.reserved, self.full_rate = waiting, reserved, full_rate
-        self.members = 1
-        self.share = 1.0
-        self._last: tuple[float, float] | None = None
+        self.limiter = limiter
+        self.take = self.client.register_script(TAKE)
+        self.trips = 0  # round trips to Redis (the cost of sharing: at most 1 / LEASE_S a second)
         self._stop = threading.Event()
-        self.beat()  # registered before the first call
-        self._thread = threading.Thread(target=self._run, name="facets-limit-share", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="facets-limit-lease", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
-    def wants(self) -> float:
-        """The fraction of the limit this process wants now (inf: all it can get)."""
-        now = time.monotonic()
-        count = self.reserved() if self.reserved else 0.0
-        last, self._last = self._last, (now, count)
-        if last is None or self.waiting is None or not self.full_rate or self.waiting():
-            return math.inf
-        rate = (count - last[1]) / max(now - last[0], 1e-3)
-        return HEADROOM * rate / self.full_rate
-
-    def beat(self) -> int:
-        seconds, micros = self.client.time()
-        now = seconds + micros / 1e6
-        ttl = int(10 * MISSED_BEATS * BEAT_S)
-        pipe = self.client.pipeline()
-        pipe.zadd(self.key, {self.member: now})
-        pipe.hset(self.wants_key, self.member, repr(self.wants()))
-        pipe.zremrangebyscore(self.key, "-inf", now - MISSED_BEATS * BEAT_S)
-        pipe.zrange(self.key, 0, -1)
-        pipe.expire(self.key, ttl)
-        pipe.expire(self.wants_key, ttl)
-        members = [m.decode() for m in pipe.execute()[3]] or [self.member]
-        values = self.client.hmget(self.wants_key, members)
-        wants = {m: float(v) if v is not None else math.inf for m, v in zip(members, values)}
-        self.members = len(members)
-        self.share = split(wants).get(self.member, 1.0 / self.members)
-        self.on_share(self.share)
-        return self.members
+    def lease(self, seconds: float) -> dict[str, float]:
+        """One lease: what the limiter owes is taken from Redis (and what it holds beyond LEASE_S given back)."""
+        owed = self.limiter.owed(LEASE_S)
+        buckets = self.limiter.buckets()
+        asks = {name: min(amount, buckets[name].full_rate * LEASE_MAX_S) for name, amount in owed.items() if amount}
+        if not asks:
+            return {}
+        args: list[str] = []
+        for name, amount in asks.items():
+            bucket = buckets[name]
+            args += [name, repr(bucket.full_rate), repr(bucket.full_rate * bucket.burst_s), repr(amount)]
+        taking = {name: amount for name, amount in asks.items() if amount > 0}
+        try:
+            given = dict(zip(asks, (float(g) for g in self.take(keys=[self.key], args=args))))
+            self.trips += 1
+        except Exception:  # noqa: BLE001 - Redis away: go on at the pace last paid, ask again next lease
+            given = {name: min(amount, buckets[name].rate * seconds) for name, amount in taking.items()}
+            asks = taking  # nothing was given back
+        # what was given back leaves this process's buckets; what was taken is paid into them
+        self.limiter.credit({name: given.get(name, 0.0) if amount > 0 else amount for name, amount in asks.items()},
+                            seconds, taking)
+        return given
 
     def _run(self) -> None:
-        while not self._stop.wait(BEAT_S):
-            try:
-                self.beat()
-            except Exception:  # noqa: BLE001 - Redis away: keep the last share, try again next beat
-                continue
+        last = time.monotonic()
+        # the leases of many processes fall at different moments, so each takes what refilled since the last
+        while not self._stop.wait(LEASE_S * random.uniform(0.8, 1.2)):
+            now = time.monotonic()
+            self.lease(now - last)
+            last = now
 
     def close(self) -> None:
+        """Stop leasing (what the process holds, at most LEASE_S of the rate, refills Redis's bucket anyway)."""
         if self._stop.is_set():
             return
         self._stop.set()
-        try:
-            self.client.zrem(self.key, self.member)
-            self.client.hdel(self.wants_key, self.member)
-        except Exception:  # noqa: BLE001 - at exit; the member expires after its missed beats anyway
-            pass
+        self._thread.join(timeout=2 * LEASE_S + 5)

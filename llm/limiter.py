@@ -1,14 +1,18 @@
 """Pacing per (endpoint, model): request, token, input-token and output-token buckets (decision 6).
 
-Each call reserves what it will cost from every bucket at once and sleeps until the buckets have
-refilled enough: no polling, and a FIFO order by construction. Reported usage corrects a reservation;
-`x-ratelimit-*` headers pull the buckets down to what the server says is left. A 429 cuts the allowed
-rate multiplicatively (recovered additively on success), and a burst of 429s pauses every call to the
-endpoint at once (a circuit breaker), not one coroutine at a time. The limiter keeps no asyncio objects,
-so one instance can pace coroutines in several event loops of one process.
+Each call reserves what it will cost from every bucket at once, which gives it a place in each bucket's
+queue, and sleeps until the buckets have refilled up to its place: FIFO by construction. Reported usage
+corrects a reservation; `x-ratelimit-*` headers pull the buckets down to what the server says is left; a
+call whose place moved (a correction, or a limit shared with other processes whose pace changed) looks
+again when it wakes. A 429 cuts the allowed rate multiplicatively (recovered additively on success), and
+a burst of 429s pauses every call to the endpoint at once (a circuit breaker), not one coroutine at a time.
+The limiter keeps no asyncio objects, so one instance can pace coroutines in several event loops of one
+process. With `share_via`, the buckets do not refill by themselves: what they owe is taken from one
+bucket in Redis that every process shares (llm/limit_share.py).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -25,6 +29,11 @@ DEFAULT_PAUSE_S = 2.0
 # 429s that arrive within this long of a cut answer requests sent before it: one congestion event,
 # one cut (as TCP halves once per loss window), else a burst of 64 in flight floors the rate at once.
 CUT_INTERVAL_S = 1.0
+# A leased bucket's guess of a call's wait: the pace it was paid at lately (weighted this much per lease),
+# never below this share of the whole rate, and a call looks again this often, whatever the guess.
+PACE_WEIGHT = 0.2
+LEASED_RATE_FLOOR = 0.01
+LEASED_RECHECK_S = 1.0
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -42,103 +51,122 @@ def parse_reset(value: str | None) -> float | None:
 
 
 class Bucket:
-    """A token bucket whose level may go negative: the debt is what later callers wait for."""
+    """A token bucket whose level may go negative: the debt is what later callers wait for.
 
-    __slots__ = ("per_minute", "burst_s", "rate", "capacity", "level", "stamp")
+    `debited` counts every reservation, so a call's place is where the count stood after its own: it is
+    due when the level, had nobody reserved after it, would be back at zero. A leased bucket (a limit
+    shared across processes) does not refill by itself: `credit` pays in what Redis gave, and `rate` is
+    only the pace seen lately, to guess how long a call will wait."""
 
-    def __init__(self, per_minute: float, burst_s: float, now: float):
-        self.per_minute, self.burst_s = per_minute, burst_s
+    __slots__ = ("per_minute", "burst_s", "rate", "capacity", "level", "stamp", "debited", "leased")
+
+    def __init__(self, per_minute: float, burst_s: float, now: float, leased: bool = False):
+        self.per_minute, self.burst_s, self.leased = per_minute, burst_s, leased
         self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_s)
-        self.level = self.capacity
+        # a leased bucket starts empty (what it spends comes from Redis) and keeps what it is given back
+        self.capacity = math.inf if leased else max(1.0, self.rate * burst_s)
+        self.level = 0.0 if leased else self.capacity
         self.stamp = now
+        self.debited = 0.0
 
-    def scale(self, share: float, now: float) -> None:
-        """Pace at `share` of the configured limit (this process's part of a limit shared by several)."""
-        self.refill(now)
-        rate = self.per_minute * share / 60.0
-        if self.level < 0 and rate > 0:  # calls already queued keep their times: later ones wait for them
-            self.level *= self.rate / rate  # at the new rate, so the debt lasts as long as it now should
-        self.rate = rate
-        self.capacity = max(1.0, self.rate * self.burst_s)
-        self.level = min(self.level, self.capacity)
+    @property
+    def full_rate(self) -> float:
+        return self.per_minute / 60.0
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        if not self.leased:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def reserve(self, amount: float, now: float, factor: float) -> float:
-        """Debit `amount` / `factor`; return seconds until the balance is non-negative again.
+    def reserve(self, amount: float, now: float, factor: float) -> tuple[Bucket, float, float]:
+        """Debit `amount` / `factor`; return the call's place in the queue.
 
         A cut rate makes each new reservation cost more instead of slowing the refill: calls already
         queued keep their place, so a 429 does not stretch the whole queue and idle the endpoint."""
         self.refill(now)
         self.level -= amount / factor
-        return 0.0 if self.level >= 0 else -self.level / self.rate
+        self.debited += amount / factor
+        return self, self.debited, amount / factor
+
+    def due_in(self, place: float, now: float) -> float:
+        """Seconds until the call at `place` may go (0: now)."""
+        self.refill(now)
+        ahead = self.level + (self.debited - place)  # the level had nobody reserved after this call
+        if ahead >= 0:
+            return 0.0
+        return min(-ahead / max(self.rate, LEASED_RATE_FLOOR * self.full_rate), LEASED_RECHECK_S) if self.leased \
+            else -ahead / self.rate
+
+    def owed(self, keep: float) -> float:
+        """What a leased bucket needs from Redis: its debt (> 0), or what it holds beyond `keep` (< 0)."""
+        if self.level < 0:
+            return -self.level
+        return -(self.level - keep) if self.level > keep else 0.0
+
+    def credit(self, amount: float, seconds: float, asked: float) -> None:
+        """Pay in what Redis gave for `seconds` of asking `asked`; the pace seen is kept for `due_in`."""
+        self.level += amount
+        if asked > 0 and seconds > 0:
+            self.rate += PACE_WEIGHT * (amount / seconds - self.rate)
 
 
 @dataclass(slots=True)
 class Reservation:
     input_tokens: float
     output_tokens: float
+    places: tuple[tuple[Bucket, float, float], ...] = ()  # per bucket: the call's place, and what it took
 
 
 class Limiter:
-    def __init__(self, limits: RateLimits, clock=time.monotonic):
+    def __init__(self, limits: RateLimits, clock=time.monotonic, leased: bool = False):
         self.limits = limits
         self.clock = clock
         self._lock = threading.Lock()
         now = clock()
-        self.requests = Bucket(limits.rpm, limits.burst_s, now) if limits.rpm else None
-        self.tokens = Bucket(limits.tpm, limits.burst_s, now) if limits.tpm else None
-        self.input = Bucket(limits.itpm, limits.burst_s, now) if limits.itpm else None
-        self.output = Bucket(limits.otpm, limits.burst_s, now) if limits.otpm else None
+        self.requests, self.tokens, self.input, self.output = (
+            Bucket(per_minute, limits.burst_s, now, leased) if per_minute else None
+            for per_minute in (limits.rpm, limits.tpm, limits.itpm, limits.otpm))
         self.factor = 1.0
-        self.share = None  # a LimitShare when the limits are split across processes
+        self.lease = None  # a LimitLease when the limits are shared by several processes
         # output tokens reserved by calls not answered yet: the server charges them only when it replies
         self.outstanding_output = 0.0
-        self.reserved = 0  # requests reserved so far (what a shared limit's member says it uses)
         self.paused_until = 0.0
         self._next_cut = 0.0
         self._recent_429s: deque[float] = deque()
 
     def reserve(self, input_tokens: float, output_tokens: float) -> tuple[Reservation, float]:
-        """Reserve one request's budget; returns the reservation and the seconds to wait before sending."""
+        """Reserve one request's budget; returns the reservation and the seconds to wait before sending
+        (then ask `due_in`: the wait may have moved meanwhile)."""
         with self._lock:
             now = self.clock()
-            wait = 0.0
-            for bucket, amount in self._charges(1.0, input_tokens, output_tokens):
-                wait = max(wait, bucket.reserve(amount, now, self.factor))
-            wait = max(wait, self.paused_until - now)
+            places = tuple(bucket.reserve(amount, now, self.factor)
+                           for bucket, amount in self._charges(1.0, input_tokens, output_tokens))
             self.outstanding_output += output_tokens
-            self.reserved += 1
-        return Reservation(input_tokens, output_tokens), wait
+            reservation = Reservation(input_tokens, output_tokens, places)
+            return reservation, self._due_in(reservation, now)
 
-    def _buckets(self) -> list[Bucket]:
-        return [b for b in (self.requests, self.tokens, self.input, self.output) if b is not None]
-
-    def set_share(self, share: float) -> None:
+    def due_in(self, reservation: Reservation) -> float:
+        """Seconds until a reserved call may be sent (0: now)."""
         with self._lock:
-            now = self.clock()
-            for bucket in self._buckets():
-                bucket.scale(share, now)
+            return self._due_in(reservation, self.clock())
 
-    def hold(self, seconds: float) -> None:
-        """Send nothing for `seconds`, then pace from an empty bucket: a debt, not a pause, so the calls
-        that queue meanwhile leave one by one at the rate, never as one burst when it ends."""
-        with self._lock:
-            now = self.clock()
-            for bucket in self._buckets():
-                bucket.refill(now)
-                bucket.level = min(bucket.level, 0.0) - bucket.rate * seconds
+    def _due_in(self, reservation: Reservation, now: float) -> float:
+        wait = max((bucket.due_in(place, now) for bucket, place, _ in reservation.places), default=0.0)
+        return max(wait, self.paused_until - now)
 
-    def waiting(self) -> bool:
-        """Calls are reserved and not yet due to be sent: some bucket is in debt (requests or tokens)."""
+    def buckets(self) -> dict[str, Bucket]:
+        named = {"requests": self.requests, "tokens": self.tokens, "input": self.input, "output": self.output}
+        return {name: bucket for name, bucket in named.items() if bucket is not None}
+
+    def owed(self, keep_s: float) -> dict[str, float]:
+        """Per leased bucket, what to take from the shared bucket (> 0) or give back to it (< 0)."""
         with self._lock:
-            now = self.clock()
-            for bucket in self._buckets():
-                bucket.refill(now)
-            return any(bucket.level < 0 for bucket in self._buckets())
+            return {name: bucket.owed(bucket.full_rate * keep_s) for name, bucket in self.buckets().items()}
+
+    def credit(self, given: dict[str, float], seconds: float, asked: dict[str, float]) -> None:
+        with self._lock:
+            for name, bucket in self.buckets().items():
+                bucket.credit(given.get(name, 0.0), seconds, asked.get(name, 0.0))
 
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())
@@ -155,6 +183,16 @@ class Limiter:
                 bucket.level = min(bucket.capacity, bucket.level - delta)
             if success:
                 self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
+
+    def withdraw(self, reservation: Reservation) -> None:
+        """A call that was never sent (cancelled while it waited) gives back all it reserved, its request
+        too: the calls behind it move up."""
+        with self._lock:
+            now = self.clock()
+            self.outstanding_output = max(0.0, self.outstanding_output - reservation.output_tokens)
+            for bucket, _, amount in reservation.places:
+                bucket.refill(now)
+                bucket.level = min(bucket.capacity, bucket.level + amount)
 
     def release(self, reservation: Reservation) -> None:
         """A request that never reached the server (or was refused with 429) gives its tokens back;
@@ -214,19 +252,15 @@ _SHARED_LOCK = threading.Lock()
 
 def shared_limiter(endpoint: str, model: str, limits: RateLimits) -> Limiter:
     """One limiter per (endpoint, model) per process, shared by every gateway that calls it; with
-    `limits.share_via`, one limit split across the processes that call it (llm/limit_share.py)."""
+    `limits.share_via`, one limit shared by every process that calls it (llm/limit_share.py)."""
     with _SHARED_LOCK:
         limiter = _SHARED.get((endpoint, model))
         if limiter is None or limiter.limits != limits:
-            if limiter is not None and limiter.share is not None:
-                limiter.share.close()
-            limiter = _SHARED[(endpoint, model)] = Limiter(limits)
+            if limiter is not None and limiter.lease is not None:
+                limiter.lease.close()
+            limiter = _SHARED[(endpoint, model)] = Limiter(limits, leased=bool(limits.share_via))
             if limits.share_via:
-                from facets.llm.limit_share import BEAT_S, LimitShare
+                from facets.llm.limit_share import LimitLease
 
-                limiter.share = LimitShare(limits.share_via, f"{endpoint}|{model}", limiter.set_share,
-                                           waiting=limiter.waiting, reserved=lambda: limiter.reserved,
-                                           full_rate=limits.rpm / 60.0)
-                if limiter.share.members > 1:  # the others lower their share at their next beat
-                    limiter.hold(1.5 * BEAT_S)
+                limiter.lease = LimitLease(limits.share_via, f"{endpoint}|{model}", limiter)
         return limiter

@@ -38,8 +38,8 @@ class RateLimits(Config):
                                 "8 to 512 (64 with no RPM)")
     burst_s: float = Field(1.0, gt=0, description="seconds of budget that may go out at once")
     share_via: str | None = Field(
-        None, description="redis://HOST:PORT/DB: the processes calling this endpoint split these limits "
-                          "evenly, re-balanced as they come and go (many workers, one budget)")
+        None, description="redis://HOST:PORT/DB: the processes calling this endpoint take these limits from "
+                          "one token bucket there, as they need them (many workers, one budget)")
 
 
 class Retries(Config):

@@ -202,6 +202,25 @@ def test_server_headers_never_erase_the_tokens_of_replies_still_being_written():
     assert limiter.tokens.level == 300 and limiter.outstanding_output == 0
 
 
+def test_a_queued_calls_wait_follows_its_place_when_the_calls_ahead_change():
+    """A call waits for the bucket to refill up to its place, not for a time fixed when it reserved: a
+    reply longer than reserved pushes the queue back, a call withdrawn before it was sent moves it up."""
+    clock = [0.0]
+    limiter = limiter_module.Limiter(RateLimits(rpm=0, tpm=60_000, burst_s=1.0), clock=lambda: clock[0])
+    first, wait = limiter.reserve(500, 500)  # 1,000 tokens a second, a full bucket of 1,000
+    assert wait == 0
+    second, wait = limiter.reserve(250, 250)
+    assert wait == pytest.approx(0.5)
+    third, wait = limiter.reserve(250, 250)
+    assert wait == pytest.approx(1.0)
+    limiter.settle(first, 500, 1000)  # the first reply wrote 500 more than it reserved
+    assert limiter.due_in(second) == pytest.approx(1.0) and limiter.due_in(third) == pytest.approx(1.5)
+    limiter.withdraw(second)  # cancelled before it was sent: the third takes its place
+    assert limiter.due_in(third) == pytest.approx(1.0)
+    clock[0] = 1.0
+    assert limiter.due_in(third) == 0
+
+
 def test_only_calls_near_the_front_hold_a_reservation(transport):
     """1,000 queued calls reserve a few at a time, so a first guess at reply length paces a few, not all."""
     in_flight, n = 4, 200

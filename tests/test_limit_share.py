@@ -1,5 +1,5 @@
-"""One endpoint's limits split across processes through the machine's Redis (DESIGN decision 15):
-arrivals are counted at the simulator, in its own process."""
+"""One endpoint's limits shared by processes through one token bucket in the machine's Redis (DESIGN
+decisions 14 and 15): arrivals are counted at the simulator, in its own process."""
 from __future__ import annotations
 
 import subprocess
@@ -23,56 +23,78 @@ def redis_up():
         pytest.fail(f"Redis is not reachable at {REDIS} ({exc}): start it with the command in DESIGN decision 15")
 
 
-def test_shares_follow_the_members_as_they_join_and_leave():
-    from facets.llm.limit_share import LimitShare
+def _leased(rpm: float, key: str, tpm: float = 0):
+    from facets.llm.limit_share import LimitLease
+    from facets.llm.limiter import Limiter
+    from facets.schemas.config import RateLimits
 
-    key, shares = f"test-{uuid.uuid4().hex}", {"a": [], "b": []}
-    a = LimitShare(REDIS, key, shares["a"].append)
-    b = LimitShare(REDIS, key, shares["b"].append)
-    assert b.members == 2 and shares["b"][-1] == 0.5
-    assert a.beat() == 2 and shares["a"][-1] == 0.5
-    b.close()
-    assert a.beat() == 1 and shares["a"][-1] == 1.0
-    a.close()
+    limiter = Limiter(RateLimits(rpm=rpm, tpm=tpm, burst_s=1.0, share_via=REDIS), leased=True)
+    limiter.lease = LimitLease(REDIS, key, limiter)
+    return limiter
 
 
-def test_the_split_gives_the_idle_what_they_use_and_the_busy_the_rest():
-    import math
+def _send_for(seconds: float, limiters: dict, queues: dict, queued: int = 30) -> dict[str, int]:
+    """Keep `queued` calls reserved in each busy limiter (`queues`: theirs, kept from one call to the next)
+    and count those that come due."""
+    import time
 
-    from facets.llm.limit_share import MIN_SHARE, split
+    for name, limiter in limiters.items():
+        queues.setdefault(name, [limiter.reserve(0, 0)[0] for _ in range(queued)])
+    sent = dict.fromkeys(limiters, 0)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, limiter in limiters.items():
+            queue = queues[name]
+            while queue and limiter.due_in(queue[0]) == 0:
+                queue.pop(0)
+                sent[name] += 1
+                queue.append(limiter.reserve(0, 0)[0])
+        time.sleep(0.01)
+    return sent
 
-    inf = math.inf
-    assert split({"a": inf, "b": inf}) == {"a": 0.5, "b": 0.5}
-    approx = pytest.approx
-    shares = split({"a": inf, "b": inf, "drain": 0.05})  # a shard draining its last retries
-    assert shares == approx({"drain": 0.05, "a": 0.475, "b": 0.475})
-    shares = split({"a": inf, "small": 0.2, "big": 0.6})  # big wants more than an even part: it shares
-    assert shares == approx({"small": 0.2, "a": 0.4, "big": 0.4})
-    assert split({"a": inf, "b": 0.4, "c": 0.4}) == approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
-    assert split({"a": 0.1, "b": 0.2}) == approx({"a": 0.45, "b": 0.55})  # nobody waits: the rest evenly
-    assert split({"a": inf, "idle": 0.0})["idle"] == approx(MIN_SHARE)
-    for wants in ({"a": 0.3, "b": inf, "c": 0.9}, {"a": 0.0, "b": 0.0}, {"a": inf}):
-        assert sum(split(wants).values()) == approx(1.0)
+
+def test_busy_processes_share_one_bucket_and_an_idle_one_holds_nothing():
+    key = f"test-{uuid.uuid4().hex}"
+    busy, idle, joiner = _leased(1200, key), _leased(1200, key), _leased(1200, key)  # 20/s, burst 20
+    try:
+        queues: dict = {}
+        sent = _send_for(3.0, {"busy": busy}, queues)
+        assert 20 * 3 * 0.85 <= sent["busy"] <= 20 * 3 + 20 + 1, "the busy one has the whole limit"
+        assert idle.lease.trips == 0 and idle.requests.level == 0, "the idle one asked for nothing and holds nothing"
+        sent = _send_for(3.0, {"busy": busy, "joiner": joiner}, queues)
+        assert sum(sent.values()) <= 20 * 3 + 10 + 1, "together they keep to the one rate (a lease may lead by 0.5 s)"
+        assert sum(sent.values()) >= 20 * 3 * 0.85
+        assert min(sent.values()) >= 0.25 * sum(sent.values()), sent
+    finally:
+        for limiter in (busy, idle, joiner):
+            limiter.lease.close()
 
 
-def test_an_idle_member_leaves_its_share_to_a_busy_one():
-    from facets.llm.limit_share import LimitShare
+def test_tokens_a_process_was_given_back_return_to_redis():
+    import time
 
-    key, shares = f"test-{uuid.uuid4().hex}", {"busy": [], "idle": []}
-    reserved = {"busy": 0, "idle": 0}
-    busy = LimitShare(REDIS, key, shares["busy"].append, waiting=lambda: True,
-                      reserved=lambda: reserved["busy"], full_rate=10.0)
-    idle = LimitShare(REDIS, key, shares["idle"].append, waiting=lambda: False,
-                      reserved=lambda: reserved["idle"], full_rate=10.0)
-    assert idle.share == 0.5, "a joiner counts as busy"
-    idle.beat()  # a beat later it has reserved nothing: it wants nothing
-    busy.beat()
-    assert busy.share > 0.95 and idle.share < 0.05
-    reserved["idle"] += 1000  # it calls again: it asks for what it used, and gets it at its next beat
-    idle.beat()
-    assert idle.share == 0.5
-    busy.close()
-    idle.close()
+    import redis
+
+    from facets.llm.limit_share import LEASE_S
+
+    key = f"test-{uuid.uuid4().hex}"
+    limiter = _leased(600, key, tpm=60_000)  # 1,000 tokens a second
+    try:
+        reservation, _ = limiter.reserve(400, 400)
+        deadline = time.monotonic() + 5
+        while limiter.due_in(reservation) > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert limiter.due_in(reservation) == 0
+        client = redis.Redis.from_url(REDIS)
+        before = float(client.hget(f"facets:limit:{key}", "tokens:level"))
+        limiter.settle(reservation, 400, 10)  # the reply was short: 390 tokens come back to this process
+        assert limiter.tokens.level == 390
+        time.sleep(4 * LEASE_S)
+        keep = limiter.tokens.full_rate * LEASE_S
+        assert limiter.tokens.level == keep, "it keeps one lease's worth and gives back the rest"
+        assert float(client.hget(f"facets:limit:{key}", "tokens:level")) >= before + 390 - keep - 1
+    finally:
+        limiter.lease.close()
 
 
 WORKER = """
@@ -111,8 +133,7 @@ def test_two_workers_together_keep_to_one_rpm():
     shared = _arrivals(REDIS)
     alone = _arrivals("")
     rate = 1200 / 60
-    # a window may hold the burst (0.5 s of budget) and 0.5 s of lag beyond the rate; a worker that joins
-    # waits 1.5 beats from an empty bucket, and the others lower their share at their next beat
+    # a window may hold the burst (0.5 s of budget) and one lease taken ahead of its calls (0.5 s)
     for window in (4.0, 8.0):
         assert max_in_window(shared, window) <= rate * (window + 0.5 + 0.5), window
     assert max_in_window(alone, 4.0) > rate * (4.0 + 0.5 + 0.5), "unshared, the two would pass it: the check can fail"

@@ -42,7 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--tpm", type=float, help="the endpoint's tokens per minute")
     add("--max-in-flight", type=int, help="concurrent requests at most")
     add("--share-limits", dest="share_via", metavar="REDIS_URL",
-        help="split --rpm/--tpm evenly with the other processes calling this endpoint (redis://HOST:6379/0)")
+        help="take --rpm/--tpm from one bucket in Redis that the other processes calling this endpoint share "
+             "(redis://HOST:6379/0)")
     add("--shard-deployment", metavar="FLOW/DEPLOYMENT",
         help="run every shard as a flow run of this deployment (build-shard/default) on its pool's workers, "
              "on the Prefect server PREFECT_API_URL names; the data dir must be one they share (s3://...)")
