@@ -289,7 +289,8 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=500)
     parser.add_argument("--jitter-ms", type=float, default=150)
     parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--worker-limit", type=int, default=4, help="flow runs per worker at once")
+    parser.add_argument("--worker-limit", type=int, default=None,
+                        help="flow runs per worker at once (default: --concurrency, so one worker runs them all)")
     parser.add_argument("--concurrency", type=int, default=8, help="shard runs in flight at once (the default)")
     parser.add_argument("--max-tree-shards", type=int, default=1, help="shards making trees at once, all workers")
     parser.add_argument("--failure-window", type=int, default=5000, help="as bench/build.py's FAILURE_WINDOW")
@@ -303,6 +304,8 @@ def main() -> int:
                 setattr(args, key, value)
     if args.tpm is None:
         args.tpm = 1500 * args.rpm
+    if args.worker_limit is None:
+        args.worker_limit = args.concurrency
     args.why_small = "--quick sanity run" if args.quick else "the largest this machine ran in the time given"
     from facets.storage.s3_server import S3Server
 

@@ -78,7 +78,9 @@ def run_way(way: str, args: argparse.Namespace, api_url: str | None) -> dict:
     if way == "prefect":
         create_limit(api_url, name, limit=args.block * args.workers, decay=args.rpm / 60)
     env = {**os.environ, **({"PREFECT_API_URL": api_url} if api_url else {})}
-    with SimulatorProcess(latency_ms=args.latency_ms) as sim:
+    # --endpoint-limit: the endpoint keeps the RPM too, and its latency varies, as a real one's does
+    enforced = {"rpm": int(args.rpm), "burst_s": 1.0, "jitter_ms": 0.3 * args.latency_ms} if args.endpoint_limit else {}
+    with SimulatorProcess(latency_ms=args.latency_ms, **enforced) as sim:
         procs = [subprocess.Popen([sys.executable, "-c", WORKER, way, sim.base_url, str(args.rpm), str(args.calls),
                                    str(args.block), f"{way}-{w}", name, REDIS],
                                   env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT) for w in range(args.workers)]
@@ -94,7 +96,7 @@ def run_way(way: str, args: argparse.Namespace, api_url: str | None) -> dict:
     per_s = args.rpm / 60
     return {"way": way, "calls": len(times), "max_60s": max_in_window(times, 60.0),
             "max_10s": max_in_window(times, 10.0), "budget_used": (len(times) - 1) / span / per_s if span else 0.0,
-            "span_s": span, "server_trips": trips}
+            "span_s": span, "server_trips": trips, "rate_limited": stats["rate_limited"]}
 
 
 def create_limit(api_url: str, name: str, limit: int, decay: float) -> None:
@@ -118,22 +120,28 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=400, help="calls per worker")
     parser.add_argument("--block", type=int, default=8, help="calls per Prefect rate_limit acquisition")
     parser.add_argument("--latency-ms", type=float, default=200)
+    parser.add_argument("--endpoint-limit", action="store_true",
+                        help="the simulator enforces the RPM too (burst 1 s), answering 429 past it")
+    parser.add_argument("--ways", default="lease,prefect")
     args = parser.parse_args()
     from facets.flows.commands.server import LocalPrefect, free_port
 
     results = []
-    results.append(run_way("lease", args, None))
-    with LocalPrefect(ROOT, port=free_port(), pools=["cpu"], cpu_workers=0, deploy=False,
-                      log_dir=Path(tempfile.mkdtemp(prefix="facets-limit-bench-")),
-                      env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp(prefix="facets-limit-home-")}) as stack:
-        results.append(run_way("prefect", args, stack.api_url))
+    if "lease" in args.ways:
+        results.append(run_way("lease", args, None))
+    if "prefect" in args.ways:
+        with LocalPrefect(ROOT, port=free_port(), pools=["cpu"], cpu_workers=0, deploy=False,
+                          log_dir=Path(tempfile.mkdtemp(prefix="facets-limit-bench-")),
+                          env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp(prefix="facets-limit-home-")}) as stack:
+            results.append(run_way("prefect", args, stack.api_url))
     budget_60, budget_10 = args.rpm, args.rpm / 6
     print(f"\n{args.workers} worker processes x {args.calls} calls, one budget of {args.rpm:g} RPM; simulator "
           f"{args.latency_ms:g} ms; Prefect blocks of {args.block}")
-    print(f"{'way':<9}{'max in 60 s':>14}{'max in 10 s':>14}{'budget used':>13}{'span':>9}{'server trips':>14}")
+    print(f"{'way':<9}{'max in 60 s':>14}{'max in 10 s':>14}{'budget used':>13}{'span':>9}{'server trips':>14}"
+          f"{'429s':>7}")
     for r in results:
         print(f"{r['way']:<9}{r['max_60s']:>8} / {budget_60:<5g}{r['max_10s']:>8} / {budget_10:<5g}"
-              f"{100 * r['budget_used']:>12.1f}%{r['span_s']:>8.1f}s{r['server_trips']:>14}")
+              f"{100 * r['budget_used']:>12.1f}%{r['span_s']:>8.1f}s{r['server_trips']:>14}{r['rate_limited']:>7}")
     print("server trips: Redis leases (lease; at most ten a second per process with calls queued), "
           "Prefect API acquisitions (prefect)")
     return 0

@@ -1,7 +1,7 @@
 """One endpoint's limits shared by many worker processes: one token bucket in Redis, taken in leases.
 
 Redis holds the endpoint's buckets (requests, tokens, input and output tokens), refilled at the
-configured rates up to `burst_s` of them, as the endpoint's own are. No process pays a round trip per
+configured rates up to half of `burst_s` of them (the endpoint's own hold all of it). No process pays a round trip per
 call (DESIGN decision 14): its limiter queues calls against local buckets that go into debt
 (llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
 script for all the buckets, at most LEASE_MAX_S of the whole rate at a time. A process with nothing queued
@@ -22,7 +22,10 @@ if TYPE_CHECKING:
     from facets.llm.limiter import Limiter
 
 LEASE_S = 0.1
-LEASE_MAX_S = 0.5  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
+LEASE_MAX_S = 0.25  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
+# Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
+# (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
+SHARED_BURST = 0.5
 KEY_TTL_S = 300  # an idle limit's buckets expire; the next taker finds them full, as they would be by then
 
 # KEYS[1]: the limit's hash; ARGV: per bucket, its name, rate per second, capacity and amount (> 0: take up
@@ -78,7 +81,7 @@ class LimitLease:
         args: list[str] = []
         for name, amount in asks.items():
             bucket = buckets[name]
-            args += [name, repr(bucket.full_rate), repr(bucket.full_rate * bucket.burst_s), repr(amount)]
+            args += [name, repr(bucket.full_rate), repr(bucket.full_rate * bucket.burst_s * SHARED_BURST), repr(amount)]
         taking = {name: amount for name, amount in asks.items() if amount > 0}
         try:
             given = dict(zip(asks, (float(g) for g in self.take(keys=[self.key], args=args))))

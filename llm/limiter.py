@@ -4,8 +4,9 @@ Each call reserves what it will cost from every bucket at once, which gives it a
 queue, and sleeps until the buckets have refilled up to its place: FIFO by construction. Reported usage
 corrects a reservation; `x-ratelimit-*` headers pull the buckets down to what the server says is left; a
 call whose place moved (a correction, or a limit shared with other processes whose pace changed) looks
-again when it wakes. A 429 cuts the allowed rate multiplicatively (recovered additively on success), and
-a burst of 429s pauses every call to the endpoint at once (a circuit breaker), not one coroutine at a time.
+again when it wakes. A 429 cuts the allowed rate multiplicatively (recovered additively on success; not
+for a shared limit), and a burst of 429s or a Retry-After pauses every call to the endpoint at once (a
+circuit breaker), not one coroutine at a time, and holds the refill: the queue resumes at the rate.
 The limiter keeps no asyncio objects, so one instance can pace coroutines in several event loops of one
 process. With `share_via`, the buckets do not refill by themselves: what they owe is taken from one
 bucket in Redis that every process shares (llm/limit_share.py).
@@ -74,9 +75,17 @@ class Bucket:
         return self.per_minute / 60.0
 
     def refill(self, now: float) -> None:
+        if now <= self.stamp:  # held (a pause): nothing refills until then
+            return
         if not self.leased:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def hold(self, until: float, now: float) -> None:
+        """No refill before `until` (a pause): the calls queued behind it go out at the rate afterwards,
+        not all at once as soon as it ends."""
+        self.refill(now)
+        self.stamp = max(self.stamp, until)
 
     def reserve(self, amount: float, now: float, factor: float) -> tuple[Bucket, float, float]:
         """Debit `amount` / `factor`; return the call's place in the queue.
@@ -94,8 +103,9 @@ class Bucket:
         ahead = self.level + (self.debited - place)  # the level had nobody reserved after this call
         if ahead >= 0:
             return 0.0
-        return min(-ahead / max(self.rate, LEASED_RATE_FLOOR * self.full_rate), LEASED_RECHECK_S) if self.leased \
-            else -ahead / self.rate
+        if self.leased:  # paid by leases: a guess at the pace lately, and a look again soon
+            return min(-ahead / max(self.rate, LEASED_RATE_FLOOR * self.full_rate), LEASED_RECHECK_S)
+        return max(0.0, self.stamp - now) - ahead / self.rate
 
     def owed(self, keep: float) -> float:
         """What a leased bucket needs from Redis: its debt (> 0), or what it holds beyond `keep` (< 0)."""
@@ -121,6 +131,7 @@ class Limiter:
     def __init__(self, limits: RateLimits, clock=time.monotonic, leased: bool = False):
         self.limits = limits
         self.clock = clock
+        self.leased = leased
         self._lock = threading.Lock()
         now = clock()
         self.requests, self.tokens, self.input, self.output = (
@@ -159,9 +170,12 @@ class Limiter:
         return {name: bucket for name, bucket in named.items() if bucket is not None}
 
     def owed(self, keep_s: float) -> dict[str, float]:
-        """Per leased bucket, what to take from the shared bucket (> 0) or give back to it (< 0)."""
+        """Per leased bucket, what to take from the shared bucket (> 0) or give back to it (< 0). Paused
+        (429s), it takes nothing: what it took now would all go out at once when the pause ends."""
         with self._lock:
-            return {name: bucket.owed(bucket.full_rate * keep_s) for name, bucket in self.buckets().items()}
+            paused = self.paused_until > self.clock()
+            owed = {name: bucket.owed(bucket.full_rate * keep_s) for name, bucket in self.buckets().items()}
+            return {name: min(0.0, amount) if paused else amount for name, amount in owed.items()}
 
     def credit(self, given: dict[str, float], seconds: float, asked: dict[str, float]) -> None:
         with self._lock:
@@ -235,7 +249,9 @@ class Limiter:
         """A 429: cut the rate; several within a few seconds pause every caller until the server's reset."""
         with self._lock:
             now = self.clock()
-            if now >= self._next_cut:
+            # A shared limit is not cut: a dearer request would take more from the one bucket in Redis and
+            # throw that budget away for every process; it follows the endpoint's pauses instead.
+            if now >= self._next_cut and not self.leased:
                 self.factor = max(MIN_FACTOR, self.factor * 0.5)
                 self._next_cut = now + max(CUT_INTERVAL_S, retry_after or 0.0)
             self._recent_429s.append(now)
@@ -244,6 +260,8 @@ class Limiter:
             if retry_after is not None or len(self._recent_429s) >= BREAKER_THRESHOLD:
                 pause = retry_after if retry_after is not None else DEFAULT_PAUSE_S
                 self.paused_until = max(self.paused_until, now + pause)
+                for bucket in self.buckets().values():
+                    bucket.hold(self.paused_until, now)
 
 
 _SHARED: dict[tuple[str, str], Limiter] = {}

@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 
 from facets.schemas import PreferencePairRow, RMRow, SFTRow, arrow_schema
 from facets.storage import Store
+from facets.storage.mirror import local_tables
 from facets.tasks.card import CardFacts, format_cost, redact, render_card, total_cost, total_tokens
 from facets.tasks.sunburst import sunburst_html, sunburst_nodes, sunburst_png
 
@@ -498,7 +499,8 @@ def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, tes
     started = time.monotonic()
     scratch: list[str] = []
     try:
-        with store.catalog() as catalog:
+        tables = local_tables(store)  # an object store's stage files, copied once: DuckDB reads them at disk speed
+        with tables.catalog() as catalog:
             con = catalog.con
             scratch.append(_scratch(store, "spill"))
             con.execute("SET temp_directory = " + _quote(scratch[-1]))
@@ -506,7 +508,7 @@ def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, tes
                 con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
                 con.execute("SET threads = 1")
             con.register("_expected", expected)
-            scans = _scans(store)
+            scans = _scans(tables)
             _select(con, scans)
             selection = _selection_digest(con, seed, test_fraction)
             current = _current_release(store, selection)

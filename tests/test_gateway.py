@@ -221,6 +221,32 @@ def test_a_queued_calls_wait_follows_its_place_when_the_calls_ahead_change():
     assert limiter.due_in(third) == 0
 
 
+def test_calls_queued_through_a_pause_go_out_at_the_rate_after_it_not_at_once():
+    """A pause (429s) holds the buckets' refill: the queue behind it resumes at the rate when it ends,
+    instead of every call that fell due meanwhile going out together into the same limit."""
+    clock = [0.0]
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0])  # 10/s, burst 10
+    for _ in range(10):
+        limiter.reserve(0, 0)  # the burst goes out
+    queued = [limiter.reserve(0, 0)[0] for _ in range(20)]  # due at 0.1, 0.2, ... 2.0 s
+    limiter.rate_limited(retry_after=1.0)  # a 429 at 0 s, with Retry-After 1 s
+    clock[0] = 1.0
+    assert [round(limiter.due_in(r), 6) for r in queued[:3]] == [0.1, 0.2, 0.3], "not ten at once at 1 s"
+    clock[0] = 1.25
+    assert sum(limiter.due_in(r) == 0 for r in queued) == 2
+
+
+def test_a_paused_leased_limiter_takes_nothing_from_the_shared_bucket():
+    clock = [0.0]
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0], leased=True)
+    limiter.reserve(0, 0)
+    assert limiter.owed(0.1) == {"requests": 1.0}
+    limiter.rate_limited(retry_after=2.0)
+    assert limiter.owed(0.1) == {"requests": 0.0}, "what it took now would all go out when the pause ends"
+    clock[0] = 2.5
+    assert limiter.owed(0.1)["requests"] > 0
+
+
 def test_only_calls_near_the_front_hold_a_reservation(transport):
     """1,000 queued calls reserve a few at a time, so a first guess at reply length paces a few, not all."""
     in_flight, n = 4, 200

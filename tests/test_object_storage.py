@@ -59,6 +59,34 @@ def test_a_build_on_object_storage_publishes_a_loadable_release_and_a_rebuild_as
     assert len(sft_rows) == 12 and len(sft_rows[0]["preference_set"]) == 4
 
 
+def test_a_release_reads_a_local_copy_of_the_stage_files_and_downloads_each_once(s3, tmp_path, monkeypatch):
+    import duckdb
+    import pyarrow as pa
+
+    from facets.storage.mirror import local_tables
+
+    monkeypatch.setenv("FACETS_CACHE_DIR", str(tmp_path / "cache"))
+    store = Store(f"{s3.make_bucket('facets-mirror')}/data")
+    first = store.write_table(store.table_dir("pairs"), pa.table({"x": [1]}))
+    second = store.write_table(store.table_dir("pairs"), pa.table({"x": [2]}))
+
+    def parquet_gets() -> int:
+        return sum(1 for method, path, _ in s3.log() if method == "GET" and path.split("?")[0].endswith(".parquet"))
+
+    before = parquet_gets()
+    copy = local_tables(store)
+    assert copy.is_local and str(tmp_path / "cache") in copy.root
+    assert duckdb.sql(f"select sum(x) from read_parquet({copy.files('pairs')})").fetchall() == [(3,)]
+    assert parquet_gets() - before == 2
+    assert local_tables(store).files("pairs") == copy.files("pairs") and parquet_gets() - before == 2, \
+        "a file already copied is not downloaded again"
+    store.fs.rm(first)
+    third = store.write_table(store.table_dir("pairs"), pa.table({"x": [4]}))
+    names = [path.rsplit("/", 1)[-1] for path in local_tables(store).files("pairs")]
+    assert names == sorted(path.rsplit("/", 1)[-1] for path in (second, third)), "the copy holds what the store lists"
+    assert parquet_gets() - before == 3
+
+
 def test_a_journal_reads_a_live_file_to_its_end_then_the_segment_it_is_sealed_into(s3):
     """On one machine a reader indexes a writer's live file as it grows; once the writer seals it into a
     segment on S3 there is nothing past what was read, and S3 answers such a range read with a 416."""
