@@ -243,6 +243,7 @@ def test_a_paused_leased_limiter_takes_nothing_from_the_shared_bucket():
     assert limiter.owed(0.1) == {"requests": 1.0}
     limiter.rate_limited(retry_after=2.0)
     assert limiter.owed(0.1) == {"requests": 0.0}, "what it took now would all go out when the pause ends"
+    assert limiter.factor == 1.0, "a dearer request would throw the shared budget away"
     clock[0] = 2.5
     assert limiter.owed(0.1)["requests"] > 0
 
