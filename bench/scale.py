@@ -1,7 +1,7 @@
 """build-collection spread over 1, 2 and 4 workers under one shared RPM/TPM budget (issue 7).
 
     python bench/scale.py --quick                       # N = 300 with 1 and 2 workers: a sanity run
-    python bench/scale.py --n 65653 --workers 1,2,4     # the paper's size, where the machine allows it
+    python bench/scale.py --n 65653 --workers 1,2,4 --shard-size 1024 --max-tree-shards 8   # the paper's size
 
 For each worker count W, on loopback: a fresh PostgreSQL database behind a Prefect server and W process
 workers of the cpu pool (`facets server --workers W`, flows/commands/server.py), the data dir on one
@@ -9,6 +9,9 @@ S3-compatible server (moto), the shared limit in Redis, and one simulator proces
 (500 ms +- jitter latency). The build is `facets build --shard-deployment build-shard/default` in a
 process of its own: every shard is a flow run that some worker takes, each paces at its share of the
 limit (`share_via`).
+
+At 65k, shards of 1024 make about 70 shard runs instead of 300: each run is a new Python process, and its
+start-up costs CPU that the machine running every part of the bench does not have to spare.
 
 Figures per W:
 - wall / bound: bound = max(requests served / RPM, tokens served / TPM) from the simulator's counters;

@@ -15,6 +15,7 @@ selection (the build's fingerprints, its complete instructions, the split parame
 A new release is staged in full, then moved into place in one rename (one PUT per file on object stores,
 `manifest.json` last); `releases/LATEST` is written after it.
 
+On an object store, DuckDB reads a local copy of the stage files, each downloaded once (storage/mirror.py).
 Memory: DuckDB works within `MEMORY_MB` and spills the rest to the data dir's disk, so the release of the
 paper's 65,653 instructions takes no more memory than that of a few thousand.
 """
