@@ -40,6 +40,8 @@ import orjson
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, TypeAdapter
 
+from facets.storage.store import local_cache
+
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
@@ -158,7 +160,9 @@ class Journal:
         root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         self._seg_dir = f"{root}/journal/segments"
-        self._live_dir = live_dir or (f"{root}/journal/live" if self._local else _cache_dir(self.fs, root))
+        # off the data dir's disk, the live files stay on this machine, where a restarted worker finds them
+        local = f"{root}/journal/live" if self._local else local_cache(self.fs.unstrip_protocol(root), "journal-live")
+        self._live_dir = live_dir or local
         self._rename = self._local and live_dir is None  # live and segments share a filesystem
         self.writer_id = writer_id or default_writer_id()
         if not _WRITER_ID.fullmatch(self.writer_id):
@@ -534,8 +538,3 @@ def default_writer_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _cache_dir(fs: fsspec.AbstractFileSystem, root: str) -> str:
-    """Stable per data dir, so a restarted worker finds (and seals) its orphans."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    tag = hashlib.blake2b(fs.unstrip_protocol(root).encode(), digest_size=8).hexdigest()
-    return os.path.join(base, "facets", "journal-live", tag)

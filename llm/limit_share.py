@@ -2,8 +2,8 @@
 
 Redis holds the endpoint's buckets (requests, tokens, input and output tokens), refilled at the
 configured rates up to SHARED_BURST of `burst_s` of them (the endpoint's own hold all of it). No process
-pays a round trip per call (DESIGN decision 14): its limiter queues calls against local buckets that go into debt
-(llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
+pays a round trip per call (DESIGN decision 14): its limiter queues calls against local buckets that go
+into debt (llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
 script for all the buckets, at most LEASE_MAX_S of the whole rate at a time. A process with nothing queued
 asks for nothing and holds nothing; what it was given back (a reply shorter than reserved) beyond
 LEASE_S of the rate goes back to Redis. So the busy processes have the whole limit between them the

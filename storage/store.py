@@ -6,6 +6,7 @@ write goes to a hidden temporary name and is renamed; an object store gets one P
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
@@ -36,6 +37,15 @@ def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if fsspec.utils.get_protocol(uri) in ("file", "local"):
         return fsspec.core.url_to_fs(uri)
     return fsspec.core.url_to_fs(uri, **REMOTE_OPTIONS)
+
+
+def local_cache(uri: str, kind: str) -> str:
+    """This machine's folder for a data dir's `kind` of local files (a journal's live files, a copy of its
+    tables), the same for the same data dir every time: FACETS_CACHE_DIR, else XDG_CACHE_HOME/facets,
+    else ~/.cache/facets, then `kind` and a digest of the data dir's URI."""
+    base = os.environ.get("FACETS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "facets")
+    return os.path.join(base, kind, hashlib.blake2b(uri.encode(), digest_size=8).hexdigest())
 
 
 def new_writer_id() -> str:

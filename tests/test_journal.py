@@ -261,6 +261,7 @@ def test_memory_fs_data_dir_writes_each_file_with_one_put(tmp_path, monkeypatch)
         return open_(self, path, mode, *args, **kwargs)
 
     monkeypatch.setattr(MemoryFileSystem, "open", recording_open)
+    monkeypatch.delenv("FACETS_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data_dir = f"memory://journal-{uuid.uuid4().hex}"
     try:
