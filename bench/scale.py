@@ -132,6 +132,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             sampler.stop()
             spent = timeline(stack.api_url, args.max_tree_shards)
             stats, s3_requests = sim.stats(timestamps=True), sum(s3.requests().values()) - s3_0
+            (home / "simulator.json").write_text(json.dumps(stats))  # kept with --keep, for a closer look
             s3_kinds = _s3_kinds(s3.log()[log0:])
             api = _api_requests(stack.server_log) - api0
     finally:
@@ -152,6 +153,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             "s3_kinds_per_shard": {k: n / max(1, shards) for k, n in s3_kinds.most_common(6)},
             "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1], "timeline": spent,
             "limited_by": stats["rate_limited_by"], "use_by_10s": _use_by_10s(stats["admitted_timestamps"], args.rpm),
+            "refused_by_10s": _refused_by_10s(stats["rate_limited_timestamps"], stats["admitted_timestamps"]),
             "cpu_busy": cpu / wall / (os.cpu_count() or 1)}
 
 
@@ -210,6 +212,15 @@ def _use_by_10s(admitted: list[float], rpm: float) -> list[int]:
     return [round(100 * counts[i] / (rpm / 6)) for i in range(max(counts) + 1)]
 
 
+def _refused_by_10s(refused: list[tuple[float, str]], admitted: list[float]) -> list[int]:
+    """429s the simulator answered in each 10 s, on the same windows as `_use_by_10s`."""
+    if not admitted:
+        return []
+    first = admitted[0]
+    counts = Counter(int((t - first) // 10) for t, _ in refused if t >= first)
+    return [counts[i] for i in range(int((admitted[-1] - first) // 10) + 1)]
+
+
 def _cpu_busy() -> float:
     """Seconds of CPU the whole machine spent so far (all cores, every process)."""
     import psutil
@@ -260,6 +271,7 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
             ("most admitted in 60 s", f"{r['max_in_60s']} (RPM {args.rpm:g}); 429s {r['rate_limited']} "
                                       f"{r['limited_by'] or ''}, paid twice {r['paid_twice']}"),
             ("% of RPM by 10 s", " ".join(str(u) for u in r["use_by_10s"])),
+            ("429s by 10 s", " ".join(str(n) for n in r["refused_by_10s"])),
             ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most "
                                     f"{r['flow_run_peak_mb']:.0f} MB"),
             ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),

@@ -390,6 +390,7 @@ class Gateway:
                 limiter.withdraw(reservation)
                 self.budget.settle(held, 0.0)
                 self._stop_if_aborted()
+            limiter.sent(reservation)
             started = time.perf_counter()
             self.usage.requests += 1
             try:

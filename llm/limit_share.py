@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 LEASE_S = 0.1
 LEASE_MAX_S = 0.25  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
+# the most a process holds paid for and not sent, in seconds of the whole rate: a process whose event loop
+# is busy (starting up, reading files) takes no more than it sends, so it cannot burst what it saved later
+UNSENT_MAX_S = 0.15
 # Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
 # (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
 SHARED_BURST = 0.5
@@ -73,7 +76,7 @@ class LimitLease:
 
     def lease(self, seconds: float) -> dict[str, float]:
         """One lease: what the limiter owes is taken from Redis (and what it holds beyond LEASE_S given back)."""
-        owed = self.limiter.owed(LEASE_S)
+        owed = self.limiter.owed(LEASE_S, UNSENT_MAX_S)
         buckets = self.limiter.buckets()
         asks = {name: min(amount, buckets[name].full_rate * LEASE_MAX_S) for name, amount in owed.items() if amount}
         if not asks:

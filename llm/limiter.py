@@ -2,11 +2,12 @@
 
 Each call reserves what it will cost from every bucket at once, which gives it a place in each bucket's
 queue, and sleeps until the buckets have refilled up to its place: FIFO by construction. Reported usage
-corrects a reservation; `x-ratelimit-*` headers pull the buckets down to what the server says is left; a
-call whose place moved (a correction, or a limit shared with other processes whose pace changed) looks
-again when it wakes. A 429 cuts the allowed rate multiplicatively (recovered additively on success; not
-for a shared limit), and a burst of 429s or a Retry-After pauses every call to the endpoint at once (a
-circuit breaker), not one coroutine at a time, and holds the refill: the queue resumes at the rate.
+corrects a reservation; `x-ratelimit-*` headers pull the buckets down to what the server says is left
+(not a shared limit's: the server counts every process's calls); a call whose place moved (a correction,
+or a limit shared with other processes whose pace changed) looks again when it wakes. A 429 cuts the
+allowed rate multiplicatively (recovered additively on success; not for a shared limit), and a burst of
+429s or a Retry-After pauses every call to the endpoint at once (a circuit breaker), not one coroutine at
+a time, and holds the refill: the queue resumes at the rate.
 The limiter keeps no asyncio objects, so one instance can pace coroutines in several event loops of one
 process. With `share_via`, the buckets do not refill by themselves: what they owe is taken from one
 bucket in Redis that every process shares (llm/limit_share.py).
@@ -107,10 +108,11 @@ class Bucket:
             return min(-ahead / max(self.rate, LEASED_RATE_FLOOR * self.full_rate), LEASED_RECHECK_S)
         return max(0.0, self.stamp - now) - ahead / self.rate
 
-    def owed(self, keep: float) -> float:
-        """What a leased bucket needs from Redis: its debt (> 0), or what it holds beyond `keep` (< 0)."""
+    def owed(self, keep: float, unsent: float, most_unsent: float) -> float:
+        """What a leased bucket needs from Redis: its debt (> 0), up to `most_unsent` paid for and not sent
+        with the `unsent` already so; or what it holds beyond `keep` (< 0)."""
         if self.level < 0:
-            return -self.level
+            return max(0.0, min(-self.level, most_unsent - unsent))
         return -(self.level - keep) if self.level > keep else 0.0
 
     def credit(self, amount: float, seconds: float, asked: float) -> None:
@@ -144,6 +146,8 @@ class Limiter:
         self.paused_until = 0.0
         self._next_cut = 0.0
         self._recent_429s: deque[float] = deque()
+        # leased: the calls reserved, neither sent nor withdrawn, in the order of their places
+        self._waiting: dict[int, Reservation] = {}
 
     def reserve(self, input_tokens: float, output_tokens: float) -> tuple[Reservation, float]:
         """Reserve one request's budget; returns the reservation and the seconds to wait before sending
@@ -154,6 +158,8 @@ class Limiter:
                            for bucket, amount in self._charges(1.0, input_tokens, output_tokens))
             self.outstanding_output += output_tokens
             reservation = Reservation(input_tokens, output_tokens, places)
+            if self.leased:
+                self._waiting[id(reservation)] = reservation
             return reservation, self._due_in(reservation, now)
 
     def due_in(self, reservation: Reservation) -> float:
@@ -169,13 +175,35 @@ class Limiter:
         named = {"requests": self.requests, "tokens": self.tokens, "input": self.input, "output": self.output}
         return {name: bucket for name, bucket in named.items() if bucket is not None}
 
-    def owed(self, keep_s: float) -> dict[str, float]:
-        """Per leased bucket, what to take from the shared bucket (> 0) or give back to it (< 0). Paused
-        (429s), it takes nothing: what it took now would all go out at once when the pause ends."""
+    def owed(self, keep_s: float, unsent_s: float) -> dict[str, float]:
+        """Per leased bucket, what to take from the shared bucket (> 0) or give back to it (< 0), holding
+        at most `unsent_s` of the whole rate paid for and not sent. Paused (429s), it takes nothing: what
+        it took now would all go out at once when the pause ends."""
         with self._lock:
             paused = self.paused_until > self.clock()
-            owed = {name: bucket.owed(bucket.full_rate * keep_s) for name, bucket in self.buckets().items()}
+            unsent = self._paid_unsent()
+            owed = {name: bucket.owed(bucket.full_rate * keep_s, unsent[name], bucket.full_rate * unsent_s)
+                    for name, bucket in self.buckets().items()}
             return {name: min(0.0, amount) if paused else amount for name, amount in owed.items()}
+
+    def _paid_unsent(self) -> dict[str, float]:
+        """Per bucket, what the waiting calls it has paid for in full hold. Such a call may still wait for
+        another bucket (a token-heavy call, for tokens) or for an event loop busy elsewhere: either way the
+        budget is not used, and taken in plenty it would all go out at once later, past the endpoint's
+        burst. Every bucket serves the waiting calls in the same order, so those it paid for come first."""
+        buckets = list(self.buckets().items())
+        unsent = dict.fromkeys((name for name, _ in buckets), 0.0)
+        paying = set(range(len(buckets)))  # the buckets whose paid-for calls are not all counted yet
+        for reservation in self._waiting.values():
+            for i in list(paying):
+                bucket, place, amount = reservation.places[i]
+                if place > bucket.debited + bucket.level:
+                    paying.discard(i)
+                else:
+                    unsent[buckets[i][0]] += amount
+            if not paying:
+                break
+        return unsent
 
     def credit(self, given: dict[str, float], seconds: float, asked: dict[str, float]) -> None:
         with self._lock:
@@ -198,6 +226,11 @@ class Limiter:
             if success:
                 self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
 
+    def sent(self, reservation: Reservation) -> None:
+        """The call goes to the server now: what it reserved no longer waits."""
+        with self._lock:
+            self._waiting.pop(id(reservation), None)
+
     def withdraw(self, reservation: Reservation) -> None:
         """A call that was never sent (cancelled while it waited) gives back all it reserved, its request
         too: the calls behind it move up."""
@@ -207,6 +240,7 @@ class Limiter:
             for bucket, _, amount in reservation.places:
                 bucket.refill(now)
                 bucket.level = min(bucket.capacity, bucket.level + amount)
+            self._waiting.pop(id(reservation), None)
 
     def release(self, reservation: Reservation) -> None:
         """A request that never reached the server (or was refused with 429) gives its tokens back;
@@ -228,7 +262,11 @@ class Limiter:
 
         The server's remaining tokens do not yet count the replies still being written (it charges output
         when it replies), while our bucket does: those are taken off what it says, or the bucket would
-        forget them at every reply and overspend. `answered` is the reply that brought these headers."""
+        forget them at every reply and overspend. `answered` is the reply that brought these headers.
+        A leased limiter ignores them: its buckets hold this process's part of the limit, the server's
+        remaining counts every process's calls, and clamping one to the other throws paid budget away."""
+        if self.leased:
+            return
         with self._lock:
             now = self.clock()
             pending = self.outstanding_output - (answered.output_tokens if answered else 0.0)

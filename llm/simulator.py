@@ -248,6 +248,7 @@ class Stats:
         self.limited_by: Counter[str] = Counter()  # 429s by the bucket that refused
         self.answered: set[bytes] = set()
         self.admitted: list[float] = []
+        self.refused: list[tuple[float, str]] = []  # when each 429 was answered (as `admitted`), by which bucket
         self.paid_twice = self.prompt_tokens = self.completion_tokens = 0
 
     def admit(self) -> None:
@@ -291,6 +292,7 @@ class Stats:
         }
         if timestamps:
             out["admitted_timestamps"] = [round(t, 6) for t in self.admitted]
+            out["rate_limited_timestamps"] = [[round(t, 6), bucket] for t, bucket in self.refused]
         return out
 
 
@@ -627,6 +629,7 @@ class Simulator:
     def rate_limited(self, wait_s: float, bucket: str, model: str) -> web.Response:
         self.stats.sync["rate_limited"] += 1
         self.stats.limited_by[bucket] += 1
+        self.stats.refused.append((time.monotonic() - self.stats.started, bucket))
         field, type_, words = BUCKETS[bucket]
         ms = max(1, math.ceil(wait_s * 1000))
         message = (f"Rate limit reached for {model} on {words}: Limit {getattr(self.config, field)}. "

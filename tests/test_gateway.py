@@ -240,12 +240,39 @@ def test_a_paused_leased_limiter_takes_nothing_from_the_shared_bucket():
     clock = [0.0]
     limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0], leased=True)
     limiter.reserve(0, 0)
-    assert limiter.owed(0.1) == {"requests": 1.0}
+    assert limiter.owed(0.1, 0.1) == {"requests": 1.0}
     limiter.rate_limited(retry_after=2.0)
-    assert limiter.owed(0.1) == {"requests": 0.0}, "what it took now would all go out when the pause ends"
+    assert limiter.owed(0.1, 0.1) == {"requests": 0.0}, "what it took now would all go out when the pause ends"
     assert limiter.factor == 1.0, "a dearer request would throw the shared budget away"
     clock[0] = 2.5
-    assert limiter.owed(0.1)["requests"] > 0
+    assert limiter.owed(0.1, 0.1)["requests"] > 0
+
+
+def test_a_leased_limiter_takes_no_more_than_it_sends():
+    """Calls paid for but not sent (an event loop busy elsewhere) stop the leases: what a process saved
+    while it could not send would otherwise go out at once later, past the endpoint's burst."""
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)  # 10/s: 1 in 0.1 s
+    queued = [limiter.reserve(0, 0)[0] for _ in range(5)]
+    assert limiter.owed(0.1, 0.3) == {"requests": 3.0}, "0.3 s of the rate, though it owes 5"
+    limiter.credit({"requests": 3.0}, 0.1, {"requests": 3.0})
+    assert [limiter.due_in(r) == 0 for r in queued] == [True, True, True, False, False]
+    assert limiter.owed(0.1, 0.3) == {"requests": 0.0}, "three paid, none sent"
+    limiter.sent(queued[0])
+    limiter.sent(queued[1])
+    assert limiter.owed(0.1, 0.3) == {"requests": 2.0}
+    limiter.withdraw(queued[4])  # cancelled while it waited: it neither waits nor owes
+    assert limiter.owed(0.1, 0.3) == {"requests": 1.0}
+
+
+def test_a_leased_bucket_takes_no_more_while_its_calls_wait_for_another():
+    """Calls held back by the token bucket keep the requests they were paid: the request bucket takes no
+    more (else, when the tokens came, they would all go at once), while the token bucket goes on taking."""
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, tpm=6000, burst_s=1.0), leased=True)  # 10 and 100 a second
+    queued = [limiter.reserve(50, 50)[0] for _ in range(5)]
+    assert limiter.owed(0.1, 0.3) == {"requests": 3.0, "tokens": 30.0}
+    limiter.credit({"requests": 3.0, "tokens": 30.0}, 0.1, {"requests": 3.0, "tokens": 30.0})
+    assert limiter.due_in(queued[0]) > 0, "its 100 tokens are not all paid yet"
+    assert limiter.owed(0.1, 0.3) == {"requests": 0.0, "tokens": 30.0}
 
 
 def test_only_calls_near_the_front_hold_a_reservation(transport):
