@@ -1,7 +1,8 @@
 """build-collection spread over 1, 2 and 4 workers under one shared RPM/TPM budget (issue 7).
 
     python bench/scale.py --quick                       # N = 300 with 1 and 2 workers: a sanity run
-    python bench/scale.py --n 65653 --workers 1,2,4 --shard-size 1024 --max-tree-shards 8   # the paper's size
+    python bench/scale.py --n 65653 --workers 1,2,4 --rpm 20000 --shard-size 1024 --max-tree-shards 4 \
+        --concurrency 10                                # the paper's size
 
 For each worker count W, on loopback: a fresh PostgreSQL database behind a Prefect server and W process
 workers of the cpu pool (`facets server --workers W`, flows/commands/server.py), the data dir on one
@@ -16,7 +17,8 @@ start-up costs CPU that the machine running every part of the bench does not hav
 Figures per W:
 - wall / bound: bound = max(requests served / RPM, tokens served / TPM) from the simulator's counters;
   wall is the whole `facets build` command (ingest, shards, release). Target <= 1.1 at every W.
-- the most requests the simulator admitted in any 60 s window, beside the RPM (the shared limit held?).
+- the most requests the simulator admitted in any 60 s window, beside the RPM (the shared limit held?), and
+  per 10 s the use of the RPM and the 429s (simulator.json in the run's folder with --keep has every one).
 - peak RSS per worker: the worker and every flow run process it started, summed, sampled twice a second.
 - Prefect API requests per 1,000 LLM calls: HTTP requests in the server's access log during the build
   (workers, flow runs and the build together; events travel over websockets and are not counted).

@@ -4,7 +4,9 @@ Redis holds the endpoint's buckets (requests, tokens, input and output tokens), 
 configured rates up to SHARED_BURST of `burst_s` of them (the endpoint's own hold all of it). No process
 pays a round trip per call (DESIGN decision 14): its limiter queues calls against local buckets that go
 into debt (llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
-script for all the buckets, at most LEASE_MAX_S of the whole rate at a time. A process with nothing queued
+script for all the buckets, at most LEASE_MAX_S of the whole rate at a time, and nothing while it holds
+UNSENT_MAX_S of it paid for and not sent (its calls wait for another bucket or a busy event loop: taken
+then, the budget would go out later all at once, past the endpoint's burst). A process with nothing queued
 asks for nothing and holds nothing; what it was given back (a reply shorter than reserved) beyond
 LEASE_S of the rate goes back to Redis. So the busy processes have the whole limit between them the
 moment they need it, whichever and however many they are, and no more leaves Redis in any span than the
@@ -23,9 +25,7 @@ if TYPE_CHECKING:
 
 LEASE_S = 0.1
 LEASE_MAX_S = 0.25  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
-# the most a process holds paid for and not sent, in seconds of the whole rate: a process whose event loop
-# is busy (starting up, reading files) takes no more than it sends, so it cannot burst what it saved later
-UNSENT_MAX_S = 0.15
+UNSENT_MAX_S = 0.15  # the most a process holds paid for and not sent, in seconds of the whole rate
 # Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
 # (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
 SHARED_BURST = 0.5
