@@ -96,6 +96,49 @@ class RssSampler(threading.Thread):
         self.join(5)
 
 
+PARTS = [("simulator", "cli simulate"), ("prefect server", "prefect server"), ("worker", "prefect worker"),
+         ("shard runs", "prefect.engine"), ("build", "cli build"), ("S3 (moto)", "moto.server"),
+         ("postgres", "postgres"), ("redis", "redis-server")]
+
+
+class CpuByPart(threading.Thread):
+    """CPU seconds each part of the bench spent (every process on the machine, by its command line):
+    where a saturated machine's time goes. A process is read until it exits; its last reading counts."""
+
+    def __init__(self, every_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.every_s, self.seen, self.parts = every_s, {}, {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while True:
+            for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times", "create_time"]):
+                times = proc.info["cpu_times"]
+                if times is None:
+                    continue
+                line = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+                part = next((name for name, needle in PARTS if needle in line), "other")
+                key = (proc.info["pid"], proc.info["create_time"])
+                self.seen[key] = (part, times.user + times.system)
+            if self._done.wait(self.every_s):
+                break
+
+    def start(self) -> None:
+        super().start()
+        time.sleep(self.every_s * 1.5)
+        self.base = dict(self.seen)  # what processes alive before the build had spent already
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join(10)
+        spent: Counter = Counter()
+        for key, (part, seconds) in self.seen.items():
+            spent[part] += seconds - self.base.get(key, (part, 0.0))[1]
+        return dict(spent.most_common())
+
+
 def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: Path, s3) -> dict:
     from facets.flows.commands.server import LocalPrefect, free_port, scratch_database
     from facets.llm.simulator import SimulatorProcess
@@ -122,6 +165,8 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
                                env={**env, "OPENAI_BASE_URL": sim.base_url}) as stack:
             sampler = RssSampler([w.process.pid for w in stack.workers])
             sampler.start()
+            cpu_parts = CpuByPart()
+            cpu_parts.start()
             api0 = _api_requests(stack.server_log)
             s3_0, sim0, log0 = sum(s3.requests().values()), sim.stats(), len(s3.log())
             started, cpu0 = time.perf_counter(), _cpu_busy()
@@ -132,6 +177,7 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             wall, cpu = time.perf_counter() - started, _cpu_busy() - cpu0
             sampler.stop()
+            cpu_by_part = cpu_parts.stop()
             spent = timeline(stack.api_url, args.max_tree_shards)
             stats, s3_requests = sim.stats(timestamps=True), sum(s3.requests().values()) - s3_0
             (home / "simulator.json").write_text(json.dumps(stats))  # kept with --keep, for a closer look
@@ -156,7 +202,8 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             "accepted": re.search(r"accepted (\d+) of (\d+)", text)[1], "timeline": spent,
             "limited_by": stats["rate_limited_by"], "use_by_10s": _use_by_10s(stats["admitted_timestamps"], args.rpm),
             "refused_by_10s": _refused_by_10s(stats["rate_limited_timestamps"], stats["admitted_timestamps"]),
-            "cpu_busy": cpu / wall / (os.cpu_count() or 1)}
+            "cpu_busy": cpu / wall / (os.cpu_count() or 1), "cpu_by_part": cpu_by_part,
+            "calls": stats["requests"] - sim0["requests"]}
 
 
 def _runs(api_url: str, kind: str, body: dict) -> list[dict]:
@@ -280,6 +327,8 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
             ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
             ("  per shard, the most", ", ".join(f"{k} {n:.0f}" for k, n in r["s3_kinds_per_shard"].items())),
             ("machine CPU busy", f"{100 * r['cpu_busy']:.0f}% of {os.cpu_count()} CPUs over the build"),
+            ("  CPU-ms per LLM call", ", ".join(f"{part} {1000 * s / max(1, r['calls']):.1f}"
+                                               for part, s in r["cpu_by_part"].items())),
             *_timeline_lines(r["timeline"]),
         ]:
             print(f"  {label:<24} {value}")

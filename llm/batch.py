@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import fsspec
-import openai
 import orjson
 
 from facets.llm.gateway import Call, Completion, Gateway, Rejected
@@ -46,6 +45,8 @@ class BatchRunner:
         self.gateway = gateway
         endpoint = gateway.endpoint
         api_key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
+        import openai  # here, not at the top: online builds (and every shard run) skip its 1-2 s import
+
         self.client = openai.AsyncOpenAI(base_url=gateway.url, api_key=api_key, max_retries=5)
         self.fs, root = fsspec.core.url_to_fs(str(data_dir))
         self.state_dir = f"{root.rstrip('/')}/journal/batches"

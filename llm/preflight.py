@@ -5,8 +5,6 @@ not after thousands of failed calls.
 """
 from __future__ import annotations
 
-import openai
-
 from facets.llm.errors import EndpointUnreachable, FatalEndpointError, MissingCredentials
 from facets.llm.gateway import SIMULATOR_HINT
 from facets.schemas.config import EndpointConfig
@@ -25,6 +23,8 @@ def check_share(url: str) -> None:
 
 async def check_endpoint(endpoint: EndpointConfig, models: list[str]) -> list[str] | None:
     """The models the endpoint lists (None when it lists none); raises `RunAborted` subclasses."""
+    import openai  # here, not at the top: a shard run on a worker never checks and skips its 1-2 s import
+
     if endpoint.api_key is None and endpoint.base_url is None:
         raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
     if endpoint.limits.share_via:

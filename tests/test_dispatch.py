@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 from facets.flows.automations import NAME, START_NAME, ensure_zombie_automations, zombie_automations
 from facets.flows.build import build_collection
 from facets.flows.build_shard import build_shard
-from facets.flows.dispatch import JournalScope, SpendSplit, summary_parts
+from facets.flows.dispatch import JournalScope, RunWatcher, SpendSplit, summary_parts
 from facets.llm.errors import BudgetExceeded
 from facets.llm.journal import Journal, JournalEntry, request_key
 from facets.llm.simulator import run_simulator
@@ -97,6 +97,37 @@ def test_usage_of_shard_runs_adds_up_and_an_unknown_cost_stays_unknown():
     merged = merge_usage([a, b])["responses"]
     assert merged == {"requests": 5, "prompt_tokens": 15, "cost_usd": 0.75, "errors": {"http_500": 3, "drop": 1}}
     assert merge_usage([a, {"responses": {"cost_usd": None}}])["responses"]["cost_usd"] is None
+
+
+def test_the_run_watcher_returns_each_run_once_it_is_final_and_leaves_running_ones_waiting():
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Running
+
+    @flow(name="watched")
+    def watched() -> None:
+        pass
+
+    async def scenario():
+        watcher = RunWatcher(poll_s=0.2)
+        async with get_client() as client:
+            runs = [await client.create_flow_run(watched, name=f"watched-{i}") for i in range(3)]
+            for run in runs:
+                await client.set_flow_run_state(run.id, Running(), force=True)
+            waits = [asyncio.create_task(watcher.finished(run.id)) for run in runs]
+            await client.set_flow_run_state(runs[0].id, Completed(), force=True)
+            await client.set_flow_run_state(runs[1].id, Crashed(message="worker died"), force=True)
+            first, second = await asyncio.wait_for(asyncio.gather(waits[0], waits[1]), 30)
+            await asyncio.sleep(1)  # five polls more
+            assert not waits[2].done(), "a Running run is not final"
+            assert first.id == runs[0].id and first.state.is_completed()
+            assert second.id == runs[1].id and second.state.is_crashed()
+            await client.set_flow_run_state(runs[2].id, Completed(), force=True)
+            assert (await asyncio.wait_for(waits[2], 30)).state.is_completed()
+        await watcher.close()
+        assert not watcher.waiting
+
+    asyncio.run(scenario())
 
 
 def test_the_zombie_automations_are_created_on_the_server_once(tmp_path):
