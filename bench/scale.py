@@ -20,6 +20,8 @@ Figures per W:
 - the most requests the simulator admitted in any 60 s window, beside the RPM (the shared limit held?), and
   per 10 s the use of the RPM and the 429s (simulator.json in the run's folder with --keep has every one).
 - peak RSS per worker: the worker and every flow run process it started, summed, sampled twice a second.
+- endpoint connections per 1,000 LLM calls: the TCP connections the simulator's requests came on (a
+  pool that shrinks and grows again costs a connect on both ends).
 - Prefect API requests per 1,000 LLM calls: HTTP requests in the server's access log during the build
   (workers, flow runs and the build together; events travel over websockets and are not counted).
 - S3 requests per shard: every request moto served during the build, over the shards.
@@ -203,7 +205,8 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
             "limited_by": stats["rate_limited_by"], "use_by_10s": _use_by_10s(stats["admitted_timestamps"], args.rpm),
             "refused_by_10s": _refused_by_10s(stats["rate_limited_timestamps"], stats["admitted_timestamps"]),
             "cpu_busy": cpu / wall / (os.cpu_count() or 1), "cpu_by_part": cpu_by_part,
-            "calls": stats["requests"] - sim0["requests"]}
+            "calls": stats["requests"] - sim0["requests"],
+            "connections": stats["connections"] - sim0["connections"]}
 
 
 def _runs(api_url: str, kind: str, body: dict) -> list[dict]:
@@ -323,6 +326,8 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
             ("429s by 10 s", " ".join(str(n) for n in r["refused_by_10s"])),
             ("peak RSS per worker", f"{rss} MB (worker and its flow runs); one flow run at most "
                                     f"{r['flow_run_peak_mb']:.0f} MB"),
+            ("endpoint connections", f"{r['connections']} = {1000 * r['connections'] / max(1, r['calls']):.0f} "
+                                     "per 1,000 LLM calls"),
             ("Prefect API requests", f"{r['api_requests']} = {r['api_per_1000_calls']:.0f} per 1,000 LLM calls"),
             ("S3 requests", f"{r['s3_requests']} = {r['s3_per_shard']:.0f} per shard"),
             ("  per shard, the most", ", ".join(f"{k} {n:.0f}" for k, n in r["s3_kinds_per_shard"].items())),

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.errors import RunAborted
-from facets.llm.gateway import Gateway
+from facets.llm.gateway import Gateway, endpoint_transport
 from facets.llm.journal import Journal
 from facets.llm.preflight import check_endpoint
 from facets.llm.slots import CallSlots
@@ -86,16 +86,16 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
         await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir) if journal is None else journal
     budget = Budget(config.endpoint.max_cost)
-    slots = CallSlots(config.endpoint.limits)
-    gateways = {stage: Gateway(config.endpoint, journal, budget, slots, priority=LLM_STAGES.index(stage))
-                for stage in LLM_STAGES}
+    slots, transport = CallSlots(config.endpoint.limits), endpoint_transport(config.endpoint)
+    gateways = {stage: Gateway(config.endpoint, journal, budget, slots, priority=LLM_STAGES.index(stage),
+                               transport=transport) for stage in LLM_STAGES}
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
     if config.mode == "batch":
         batches = {stage: BatchRunner(gateways[stage], config.data_dir, poll_initial_s=config.batch_poll_s)
                    for stage in LLM_STAGES}
-    return BuildContext(config, store, load_templates(config), gateways, batches, stored)
+    return BuildContext(config, store, load_templates(config), gateways, batches, stored, transport)
 
 
 async def run_stages(ctx: BuildContext, shard: Shard,

@@ -31,7 +31,7 @@ from facets.llm.limiter import shared_limiter
 from facets.llm.pricing import PriceTable
 from facets.llm.slots import CallSlots, connection_limit
 from facets.llm.tokens import TokenEstimator
-from facets.llm.transport import make_transport
+from facets.llm.transport import Transport, make_transport
 from facets.llm.usage import Usage
 from facets.schemas import Failure
 from facets.schemas.config import EndpointConfig, Sampling
@@ -125,11 +125,22 @@ def _strict(node: Any) -> Any:
     return node
 
 
+def endpoint_transport(endpoint: EndpointConfig) -> Transport:
+    """The connections to one endpoint: one per call in flight at most. Gateways that share their call
+    slots share this too, so a stage's idle connections serve the others (a pool per gateway held up to
+    four times the connections in flight, and each grew and shrank with its stage's bursts)."""
+    if endpoint.api_key is None and endpoint.base_url is None:
+        raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
+    key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
+    return make_transport(endpoint.transport, endpoint.url, key, endpoint.retries.timeout_s,
+                          connection_limit(endpoint.limits))
+
+
 class Gateway:
     def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
-                 slots: CallSlots | None = None, priority: int = 0):
-        if endpoint.api_key is None and endpoint.base_url is None:
-            raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
+                 slots: CallSlots | None = None, priority: int = 0, transport: Transport | None = None):
+        """`slots` and `transport`, when given, are shared with other gateways of the same endpoint and
+        closed by whoever made them."""
         self.endpoint = endpoint
         self.url = endpoint.url
         self.journal = journal
@@ -138,10 +149,8 @@ class Gateway:
         self.usage = Usage()
         self.failures: list[Failure] = []
         self.estimator = TokenEstimator()
-        key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
-        retries = endpoint.retries
-        self.transport = make_transport(endpoint.transport, self.url, key, retries.timeout_s,
-                                        connection_limit(endpoint.limits))
+        self._owns_transport = transport is None
+        self.transport = transport or endpoint_transport(endpoint)
         # gateways of one run share the slots, so max_in_flight holds per endpoint, not per gateway
         self._slots = slots or CallSlots(endpoint.limits)
         # gateways sharing slots take their turns by priority: a build's later stages go first, so an
@@ -161,7 +170,8 @@ class Gateway:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self.transport.close()
+        if self._owns_transport:
+            await self.transport.close()
         if self.journal is not None:
             self.journal.seal()
 

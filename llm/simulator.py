@@ -247,9 +247,15 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.limited_by: Counter[str] = Counter()  # 429s by the bucket that refused
         self.answered: set[bytes] = set()
+        self.peers: set[Any] = set()  # the client end of each connection a request came on
         self.admitted: list[float] = []
         self.refused: list[tuple[float, str]] = []  # when each 429 was answered (as `admitted`), by which bucket
         self.paid_twice = self.prompt_tokens = self.completion_tokens = 0
+
+    def arrived(self, request: web.Request) -> None:
+        self.sync["requests"] += 1
+        if request.transport is not None:
+            self.peers.add(request.transport.get_extra_info("peername"))
 
     def admit(self) -> None:
         self.admitted.append(time.monotonic() - self.started)
@@ -282,6 +288,7 @@ class Stats:
             "faults": {k: self.faults[k] for k in FAULT_KINDS},
             "errors": dict(sorted(self.errors.items())),
             "distinct_request_hashes": len(self.answered),
+            "connections": len(self.peers),
             "paid_twice": self.paid_twice,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -603,7 +610,7 @@ class Simulator:
         """What every online request goes through before it is answered: auth, a valid body, the rate
         limits, the latency and the transport faults. Returns the response that ends it early, or
         (body, the body as a chat request, the content fault, prompt tokens)."""
-        self.stats.sync["requests"] += 1
+        self.stats.arrived(request)
         fault, delay = self.draw_fault(), self.draw_delay()
         if denied := self.unauthorized(request):
             return denied

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from facets.llm.batch import BatchItem, BatchRunner
 from facets.llm.gateway import Call, Gateway
+from facets.llm.transport import Transport
 from facets.schemas.config import BuildConfig
 from facets.storage import Store
 from facets.tasks.plan import STAGES, StagePlan
@@ -34,9 +35,10 @@ class Request:
 class BuildContext:
     def __init__(self, config: BuildConfig, store: Store, templates: dict[str, Template],
                  gateways: dict[str, Gateway], batches: dict[str, BatchRunner] | None = None,
-                 stored: dict[str, list[str]] | None = None):
+                 stored: dict[str, list[str]] | None = None, transport: Transport | None = None):
         self.config, self.store, self.templates = config, store, templates
         self.gateways, self.batches = gateways, batches or {}
+        self.transport = transport  # the gateways' shared connections, closed after them
         self.plan = StagePlan.of(config, templates)
         # the stage files there before this build (listed now unless given): other shards of the build
         # hold other instructions, and listing again would make each shard open the files of every shard
@@ -114,6 +116,8 @@ class BuildContext:
             await runner.aclose()
         for gateway in self.gateways.values():
             await gateway.aclose()
+        if self.transport is not None:
+            await self.transport.close()
         journals = {id(g.journal): g.journal for g in self.gateways.values() if g.journal is not None}
         for journal in journals.values():
             journal.close()

@@ -28,7 +28,7 @@ from facets.llm.errors import (
     RunAborted,
     TooManyFailures,
 )
-from facets.llm.gateway import Completion, Gateway
+from facets.llm.gateway import Completion, Gateway, endpoint_transport
 from facets.llm.journal import Journal
 from facets.llm.simulator import SimulatorProcess, max_in_window, run_simulator
 from facets.schemas.config import EndpointConfig, RateLimits, Retries, Sampling
@@ -359,6 +359,30 @@ def test_slots_serve_waiters_by_priority_then_in_arrival_order():
         assert slots.used == 0 and not slots._waiters
 
     asyncio.run(main())
+
+
+def test_gateways_of_one_run_share_one_connection_per_call_in_flight():
+    """A build's stages share their call slots and one transport: however the stages take turns, the
+    endpoint sees no more connections than calls in flight, and a stage closing leaves the others theirs."""
+    from facets.llm.slots import CallSlots
+
+    with run_simulator(latency_ms=20) as sim:
+        config = endpoint(sim, limits=RateLimits(rpm=0, max_in_flight=4))
+
+        async def main():
+            slots, transport = CallSlots(config.limits), endpoint_transport(config)
+            stages = [Gateway(config, slots=slots, priority=p, transport=transport) for p in range(3)]
+            results = []
+            for gateway in stages:  # one after another, as a shard's stages finish
+                results += await parse_all(gateway, 12)
+                await gateway.aclose()
+            await transport.close()
+            return results
+
+        results = asyncio.run(main())
+        stats = sim.stats()
+    assert answered(results) and stats["ok"] == 36
+    assert stats["connections"] <= 4
 
 
 # -- faults -----------------------------------------------------------------------------------
