@@ -10,7 +10,8 @@ then, the budget would go out later all at once, past the endpoint's burst). A p
 asks for nothing and holds nothing; what it was given back (a reply shorter than reserved) beyond
 LEASE_S of the rate goes back to Redis. So the busy processes have the whole limit between them the
 moment they need it, whichever and however many they are, and no more leaves Redis in any span than the
-rate allows plus one burst. Redis away: a process goes on at the pace it was last paid, and asks again.
+rate allows plus one burst; a process whose replies say the endpoint is nearly empty holds its
+sends until it has refilled (`Limiter._brake`). Redis away: a process goes on at the pace it was last paid, and asks again.
 """
 from __future__ import annotations
 
@@ -20,15 +21,14 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from facets.llm.limiter import SHARED_BURST
+
 if TYPE_CHECKING:
     from facets.llm.limiter import Limiter
 
 LEASE_S = 0.1
 LEASE_MAX_S = 0.25  # the most one lease takes, in seconds of the whole rate: a newcomer cannot empty a full bucket
 UNSENT_MAX_S = 0.15  # the most a process holds paid for and not sent, in seconds of the whole rate
-# Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
-# (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
-SHARED_BURST = 0.5
 KEY_TTL_S = 300  # an idle limit's buckets expire; the next taker finds them full, as they would be by then
 
 # KEYS[1]: the limit's hash; ARGV: per bucket, its name, rate per second, capacity and amount (> 0: take up

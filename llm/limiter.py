@@ -36,6 +36,11 @@ CUT_INTERVAL_S = 1.0
 PACE_WEIGHT = 0.2
 LEASED_RATE_FLOOR = 0.01
 LEASED_RECHECK_S = 1.0
+# Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
+# (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
+SHARED_BURST = 0.5
+# A leased limiter brakes when the endpoint's headers say it has less than this much of a rate left.
+BRAKE_S = 0.1
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -263,9 +268,11 @@ class Limiter:
         The server's remaining tokens do not yet count the replies still being written (it charges output
         when it replies), while our bucket does: those are taken off what it says, or the bucket would
         forget them at every reply and overspend. `answered` is the reply that brought these headers.
-        A leased limiter ignores them: its buckets hold this process's part of the limit, the server's
-        remaining counts every process's calls, and clamping one to the other throws paid budget away."""
+        A leased limiter does not clamp: its buckets hold this process's part of the limit, the server's
+        remaining counts every process's calls, and clamping one to the other throws paid budget away. It
+        brakes instead (`_brake`)."""
         if self.leased:
+            self._brake(headers)
             return
         with self._lock:
             now = self.clock()
@@ -282,6 +289,28 @@ class Limiter:
                 bucket.refill(now)
                 if remaining < bucket.level:
                     bucket.level = remaining
+
+    def _brake(self, headers) -> None:
+        """A leased limiter's early 429. When the endpoint says it holds less than BRAKE_S of a rate, calls
+        paid for but sent late by busy processes have drained it, and it stays drained while Redis pays out
+        exactly its rate: every call that comes a little early is refused, and each refusal burns a request
+        of the shared budget. Every process sees this in its replies and holds its sends (taking nothing
+        from Redis) until the endpoint's bucket is full again (its reset header; at most `burst_s`): then
+        what Redis banked meanwhile, half as much (SHARED_BURST), goes out into a bucket with room for it."""
+        with self._lock:
+            now = self.clock()
+            for bucket, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
+                remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+                if bucket is None or remaining is None:
+                    continue
+                try:
+                    remaining = float(remaining)
+                except ValueError:
+                    continue
+                if remaining < bucket.full_rate * BRAKE_S:
+                    reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+                    refill_s = bucket.burst_s - remaining / bucket.full_rate if reset is None else reset
+                    self.paused_until = max(self.paused_until, now + min(refill_s, bucket.burst_s))
 
     def rate_limited(self, retry_after: float | None) -> None:
         """A 429: cut the rate; several within a few seconds pause every caller until the server's reset."""

@@ -248,6 +248,48 @@ def test_a_paused_leased_limiter_takes_nothing_from_the_shared_bucket():
     assert limiter.owed(0.1, 0.1)["requests"] > 0
 
 
+def test_a_leased_limiter_brakes_when_the_endpoint_says_it_is_nearly_empty():
+    """Other processes' late sends drained the endpoint: hold sends (and leases) until its bucket is full
+    again, rather than have every early call refused and its request burnt."""
+    clock = [0.0]
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0], leased=True)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "5"})  # half a second of the rate: go on
+    assert limiter.pause_remaining() == 0
+    limiter.reserve(0, 0)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "800ms"})
+    assert limiter.pause_remaining() == pytest.approx(0.8)
+    assert limiter.owed(0.1, 0.1) == {"requests": 0.0}
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"})
+    assert limiter.pause_remaining() == pytest.approx(1.0), "a per-minute reset: at most one burst"
+    clock[0] = 1.1
+    assert limiter.pause_remaining() == 0 and limiter.owed(0.1, 0.1) == {"requests": 1.0}
+
+
+def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers():
+    """Through the real endpoint: another client drains the simulator's bucket; the next reply a process
+    under a shared limit gets says so, and the process holds its sends."""
+    import uuid
+
+    with run_simulator(rpm=60, burst_s=10.0) as sim:  # a bucket of 10 requests, refilled at 1 a second
+        async def drain(gateway):
+            return await parse_all(gateway, 10)
+
+        drained, _ = run(endpoint(sim), drain)
+        assert answered(drained) and sim.stats()["rate_limited"] == 0
+        shared = RateLimits(rpm=60, burst_s=10.0, share_via="redis://127.0.0.1:6379/0")
+        key = f"brake-{uuid.uuid4().hex}"
+        limiter_module._SHARED.clear()
+
+        async def one(gateway):
+            limiter = limiter_module.shared_limiter(gateway.url, MODEL, gateway.endpoint.limits)
+            await gateway.parse(ask(0), Verdict, stage="test", key=key, sampling=SAMPLING, check=substantive)
+            return limiter.pause_remaining()
+
+        held, _ = run(endpoint(sim, limits=shared), one)
+        # empty: it holds until the endpoint's bucket is full again, about 10 s at 1 request a second
+        assert held > 8.0, "the reply said the endpoint was nearly empty: sends wait for it to refill"
+
+
 def test_a_leased_limiter_takes_no_more_than_it_sends():
     """Calls paid for but not sent (an event loop busy elsewhere) stop the leases: what a process saved
     while it could not send would otherwise go out at once later, past the endpoint's burst."""
