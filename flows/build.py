@@ -130,7 +130,8 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
     instructions are all `complete` runs no stage at all: a no-op rebuild reads no stage rows.
     With `dispatch`, each shard runs as a flow run on the shard deployment's pool instead, its trees
     under a Prefect global concurrency limit of `max_tree_shards` slots that all the workers share;
-    small shards stay in this process."""
+    small shards stay in this process. A shard run reports each stage's end, so its replacements run
+    while it goes on."""
     config = ctx.config
     shards: list[Shard] = []
     running: set[asyncio.Task] = set()
@@ -150,16 +151,19 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
                 await run_stages(ctx, shard, slot, after_stage=lambda stage: advance(stage, shard))
                 shard.finish()
             else:
-                shard.apply(await dispatch.run(ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi,
-                                                         ids=list(shard.instructions),
-                                                         tree_limit=dispatch.tree_limit,
-                                                         journal_tag=dispatch.scope.tag,
-                                                         stored=overlapping(ctx.stored, shard.lo, shard.hi))))
+                spec = ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi, ids=list(shard.instructions),
+                                 tree_limit=dispatch.tree_limit, journal_tag=dispatch.scope.tag,
+                                 stored=overlapping(ctx.stored, shard.lo, shard.hi))
+                shard.apply(await dispatch.run(spec, on_progress=lambda report: reported(shard, report.alive)))
                 for stage in STAGES:
                     await advance(stage, shard)
 
     async def advance(stage: str, shard: Shard) -> None:
         await progress.advance(stage, shard)
+        top_up()
+
+    def reported(shard: Shard, alive: int) -> None:  # a stage of a shard run on a worker ended
+        shard.reported(alive)
         top_up()
 
     def top_up() -> None:
@@ -185,7 +189,21 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+    keep_wanted(shards, wanted, pool.order)
     return shards
+
+
+def keep_wanted(shards: list[Shard], wanted: int, order: list[str]) -> None:
+    """Exactly `wanted` accepted, those drawn first (`order`: the pool's draw order), as a build that drew
+    no more than it needed would have: a shard run that crashed and went again can accept more than its
+    first run reported, after replacements were drawn for the difference. The rows let go stay stored
+    (paid for), and a later, larger build reuses them."""
+    if sum(len(shard.accepted()) for shard in shards) <= wanted:
+        return
+    rank = {iid: i for i, iid in enumerate(order)}
+    kept = set(sorted((iid for shard in shards for iid in shard.accepted()), key=rank.__getitem__)[:wanted])
+    for shard in shards:
+        shard.keep_only(kept)
 
 
 async def cancel_shards_of(flow, flow_run, state) -> None:

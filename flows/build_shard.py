@@ -2,11 +2,14 @@
 
 `build-collection` with `shard_deployment` starts one run of this flow per shard (flows/dispatch.py).
 A run reads its instructions from the data dir, reuses the stored rows and journaled calls of its shard,
-writes its rows, and leaves a summary at builds/<build>/<shard key>.json for the build to read, whether it
-finished or stopped. Started again after a crash, on any worker, it resumes from the same rows and journal.
+writes its rows, reports after each stage how many instructions came through (builds/<build>/progress/,
+so the build draws replacements at once), and leaves a summary at builds/<build>/<shard key>.json for the
+build to read, whether it finished or stopped. Started again after a crash, on any worker, it resumes
+from the same rows and journal.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -15,10 +18,10 @@ import time
 from prefect import flow, get_run_logger, runtime
 
 from facets.flows.build import open_context, run_stages
-from facets.flows.dispatch import JournalScope, summary_parts
+from facets.flows.dispatch import JournalScope, progress_parts, summary_parts
 from facets.llm.errors import RunAborted
 from facets.schemas.config import BuildConfig
-from facets.schemas.shards import ShardSpec, ShardSummary
+from facets.schemas.shards import ShardProgress, ShardSpec, ShardSummary
 from facets.storage import Store
 from facets.tasks.plan import STAGES
 from facets.tasks.selection import load_instructions
@@ -50,6 +53,17 @@ def stored_files(store: Store, shard: ShardSpec) -> dict[str, list[str]]:
     return found
 
 
+def reporter(store: Store, shard: ShardSpec, work: Shard):
+    """After each stage: how many of the shard's instructions came through, for the build to draw
+    replacements for the rest at once (flows/dispatch.py, `ProgressWatcher`)."""
+    run_id = str(runtime.flow_run.id)
+
+    async def report(stage: str) -> None:
+        report = ShardProgress(run=run_id, stage=stage, alive=work.expected())
+        await asyncio.to_thread(store.write_text, report.model_dump_json(), *progress_parts(shard.build, run_id, stage))
+    return report
+
+
 @flow(name="build-shard", log_prints=True, persist_result=False)
 async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
     """Trees -> sets -> system messages -> responses -> pairs for one shard of a build-collection run."""
@@ -69,7 +83,7 @@ async def build_shard(config: BuildConfig, shard: ShardSpec) -> dict:
                              f"the build and its workers must share one data dir ({sorted(missing)[:3]} ...)")
         work = Shard(shard.lo, shard.hi, instructions, {i.id: ctx.plan.fingerprints(i.id) for i in instructions},
                      config.sets_per_instruction)
-        await run_stages(ctx, work, tree_slot(shard))
+        await run_stages(ctx, work, tree_slot(shard), after_stage=reporter(store, shard, work))
         work.finish()
     except RunAborted as exc:
         outcome = {"error": f"{type(exc).__name__}: {exc}", "aborted": True}

@@ -25,13 +25,15 @@ from typing import Any
 from facets.llm.errors import BudgetExceeded, RunAborted
 from facets.llm.journal import Journal, default_writer_id
 from facets.schemas.config import BuildConfig
-from facets.schemas.shards import ShardSpec, ShardSummary
+from facets.schemas.shards import ShardProgress, ShardSpec, ShardSummary
 from facets.storage import Store
+from facets.tasks.plan import STAGES
 from facets.tasks.shard import bucket_range
 
 POLL_S = 2.0
 FINAL_STATES = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
 SUMMARIES = "builds"
+PROGRESS = "progress"
 
 
 class JournalScope:
@@ -77,6 +79,12 @@ class ShardRunFailed(RuntimeError):
 
 def summary_parts(build: str, shard_key: str) -> tuple[str, str, str]:
     return SUMMARIES, build, f"{shard_key}.json"
+
+
+def progress_parts(build: str, run_id: str | None = None, stage: str | None = None) -> tuple[str, ...]:
+    """The folder of a build's stage reports, or one run's report of one stage (a name written once)."""
+    folder = (SUMMARIES, build, PROGRESS)
+    return folder if run_id is None else (*folder, f"{run_id}.{stage}.json")
 
 
 class SpendSplit:
@@ -159,6 +167,57 @@ class RunWatcher:
                         future.set_result(run)
 
 
+class ProgressWatcher:
+    """Reads the stage reports of the shard runs in flight with one listing per poll, each report once.
+
+    The build learns what a run's stages dropped while the run goes on (mostly its trees, early in the
+    run), so the replacements run beside it: waiting for the run's end left every dispatched build with
+    a tail of replacement rounds after its last runs."""
+
+    def __init__(self, store: Store, build: str, poll_s: float = POLL_S):
+        self.store, self.build, self.poll_s = store, build, poll_s
+        self.listeners: dict[str, Callable[[ShardProgress], None]] = {}  # run id -> what to tell
+        self._read: set[str] = set()
+        self._loop: asyncio.Task | None = None
+
+    def listen(self, run_id: str, listener: Callable[[ShardProgress], None]) -> None:
+        self.listeners[run_id] = listener
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._poll())
+
+    def forget(self, run_id: str) -> None:
+        self.listeners.pop(run_id, None)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+
+    async def _poll(self) -> None:
+        while self.listeners:
+            await asyncio.sleep(self.poll_s)
+            try:
+                reports = await asyncio.to_thread(self.read_new, set(self.listeners))
+            except Exception as exc:  # noqa: BLE001 - the store may be slow or away: the run's end still counts
+                logging.getLogger(__name__).warning("reading the shard runs' stage reports failed (%s)", exc)
+                continue
+            for report in reports:  # told here, in the event loop: a listener may start shards
+                if (listener := self.listeners.get(report.run)) is not None:
+                    listener(report)
+
+    def read_new(self, runs: set[str]) -> list[ShardProgress]:
+        """The reports of `runs` not read before, in the order their stages ran."""
+        folder = progress_parts(self.build)
+        reports = []
+        for name in self.store.names(*folder):
+            if name in self._read or name.split(".", 1)[0] not in runs:
+                continue
+            self._read.add(name)
+            if text := self.store.read_text(*folder, name):
+                reports.append(ShardProgress.model_validate_json(text))
+        return sorted(reports, key=lambda report: STAGES.index(report.stage))
+
+
 class ShardDispatch:
     """Starts a shard's run on the deployment, waits for it, and takes its summary; crashed runs go again."""
 
@@ -166,6 +225,7 @@ class ShardDispatch:
         self.config, self.store, self.build, self.scope = config, store, build, scope
         self.deployment = config.shard_deployment
         self.watcher = RunWatcher()
+        self.progress = ProgressWatcher(store, build)
         self.spend = SpendSplit(config.endpoint.max_cost, config.max_concurrent_shards)
         self.usage: list[dict[str, dict[str, Any]]] = []
         self.crashed = 0
@@ -182,6 +242,7 @@ class ShardDispatch:
         from prefect.client.orchestration import get_client
 
         await self.watcher.close()
+        await self.progress.close()
         try:
             async with get_client() as client:
                 await client.delete_global_concurrency_limit_by_name(self.tree_limit)
@@ -197,7 +258,8 @@ class ShardDispatch:
         config["endpoint"]["max_cost"] = max_cost
         return config
 
-    async def run(self, spec: ShardSpec) -> ShardSummary:
+    async def run(self, spec: ShardSpec, on_progress: Callable[[ShardProgress], None] | None = None) -> ShardSummary:
+        """The shard's summary once a run of it finished; `on_progress` hears each stage's end meanwhile."""
         from prefect import get_run_logger
         from prefect.deployments import run_deployment
 
@@ -205,7 +267,13 @@ class ShardDispatch:
             parameters = {"config": self.shard_config(self.spend.take(spec.key)), "shard": spec.model_dump()}
             run = await run_deployment(self.deployment, parameters=parameters, timeout=0,
                                        flow_run_name=f"{spec.key}-{attempt}", tags=self.tags())
-            run = await self.watcher.finished(run.id)
+            run_id = str(run.id)
+            if on_progress is not None:
+                self.progress.listen(run_id, on_progress)
+            try:
+                run = await self.watcher.finished(run.id)
+            finally:
+                self.progress.forget(run_id)
             summary = self.read_summary(spec, str(run.id))
             self.spend.settle(spec.key, _cost(summary))
             if run.state.is_completed() and summary is not None and summary.error is None:

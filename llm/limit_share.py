@@ -11,7 +11,8 @@ asks for nothing and holds nothing; what it was given back (a reply shorter than
 LEASE_S of the rate goes back to Redis. So the busy processes have the whole limit between them the
 moment they need it, whichever and however many they are, and no more leaves Redis in any span than the
 rate allows plus one burst; a process whose replies say the endpoint is nearly empty holds its
-sends until it has refilled (`Limiter._brake`). Redis away: a process goes on at the pace it was last paid, and asks again.
+sends until it has refilled (`Limiter._brake`). Redis away: a process goes on at the pace it was last
+paid, and asks again.
 """
 from __future__ import annotations
 

@@ -292,11 +292,12 @@ class Limiter:
 
     def _brake(self, headers) -> None:
         """A leased limiter's early 429. When the endpoint says it holds less than BRAKE_S of a rate, calls
-        paid for but sent late by busy processes have drained it, and it stays drained while Redis pays out
-        exactly its rate: every call that comes a little early is refused, and each refusal burns a request
-        of the shared budget. Every process sees this in its replies and holds its sends (taking nothing
-        from Redis) until the endpoint's bucket is full again (its reset header; at most `burst_s`): then
-        what Redis banked meanwhile, half as much (SHARED_BURST), goes out into a bucket with room for it."""
+        paid for but sent late by busy processes have drained it, and every call that comes a little early
+        is refused, each refusal burning a request of the shared budget. Every process sees this in its
+        replies and holds its sends (taking nothing from Redis) until the endpoint has refilled what Redis
+        can hand out at once (SHARED_BURST of `burst_s`): what Redis banks meanwhile then goes out into a
+        bucket with room for it. The hold is never longer than Redis takes to fill from empty, so it costs
+        no budget, only a shift of when it is spent (a brake on every reply of a small bucket included)."""
         with self._lock:
             now = self.clock()
             for bucket, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
@@ -308,9 +309,8 @@ class Limiter:
                 except ValueError:
                     continue
                 if remaining < bucket.full_rate * BRAKE_S:
-                    reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-                    refill_s = bucket.burst_s - remaining / bucket.full_rate if reset is None else reset
-                    self.paused_until = max(self.paused_until, now + min(refill_s, bucket.burst_s))
+                    refill_s = bucket.burst_s * SHARED_BURST - remaining / bucket.full_rate
+                    self.paused_until = max(self.paused_until, now + refill_s)
 
     def rate_limited(self, retry_after: float | None) -> None:
         """A 429: cut the rate; several within a few seconds pause every caller until the server's reset."""

@@ -44,3 +44,12 @@ class ShardSummary(BaseModel):
     seconds: float = 0.0
     error: str | None = Field(None, description="why the run stopped, when it did not finish")
     aborted: bool = Field(False, description="stopped by a run-wide condition (bad key, spend cap, failures)")
+
+
+class ShardProgress(BaseModel):
+    """What a shard run reports each time one of its stages ends, at builds/<build>/progress/<run>.<stage>.json:
+    the build draws replacements for the instructions a stage dropped then, not when the run ends."""
+
+    run: str = Field(description="id of the flow run that wrote it")
+    stage: str
+    alive: int = Field(ge=0, description="the shard's instructions that came through this stage")

@@ -128,6 +128,15 @@ class Store:
             return []
         return sorted(p for p in paths if is_parquet_file(p))
 
+    def names(self, *parts: str) -> list[str]:
+        """The names in a folder as it is now (no cached listing), [] when there is none."""
+        directory = self.path(*parts)
+        self.fs.invalidate_cache(directory)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def uri_of(self, path: str) -> str:
         """A path of this store as others open it: local as is, remote with its protocol (s3://...)."""
         return path if self.is_local else self.fs.unstrip_protocol(path)

@@ -86,6 +86,15 @@ class Shard:
         """Instructions that may still be accepted: all of them before the first stage, the accepted at the end."""
         return len(self._accepted) if self._accepted is not None else self._alive
 
+    def reported(self, alive: int) -> None:
+        """A run of this shard on another worker came through a stage with `alive` instructions."""
+        if self._accepted is None:
+            self._alive = alive
+
+    def keep_only(self, kept: set[str]) -> None:
+        """Accept only those of the accepted instructions in `kept` (a build that got more than it wanted)."""
+        self._accepted = [iid for iid in self.accepted() if iid in kept]
+
     def reuse_complete(self, stages: tuple[str, ...]) -> None:
         """Every instruction is already complete under the current plan (its pair row is stored with the
         fingerprint the plan gives it): count the rows as reused without reading them."""

@@ -11,20 +11,27 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from facets.flows.automations import NAME, START_NAME, ensure_zombie_automations, zombie_automations
-from facets.flows.build import build_collection
+from facets.flows.build import build_collection, keep_wanted
 from facets.flows.build_shard import build_shard
-from facets.flows.dispatch import JournalScope, RunWatcher, SpendSplit, summary_parts
+from facets.flows.dispatch import (
+    JournalScope,
+    ProgressWatcher,
+    RunWatcher,
+    SpendSplit,
+    progress_parts,
+    summary_parts,
+)
 from facets.llm.errors import BudgetExceeded
 from facets.llm.journal import Journal, JournalEntry, request_key
 from facets.llm.simulator import run_simulator
 from facets.llm.usage import merge_usage
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits
-from facets.schemas.shards import ShardSpec, ShardSummary
+from facets.schemas.shards import ShardProgress, ShardSpec, ShardSummary
 from facets.storage import Store
 from facets.tasks.ingest import ingest
 from facets.tasks.plan import STAGES
 from facets.tasks.selection import Pool
-from facets.tasks.shard import overlapping
+from facets.tasks.shard import Shard, overlapping
 
 NECTAR = Path(__file__).parent / "data" / "sources" / "nectar" / "data.jsonl"
 
@@ -57,6 +64,63 @@ def test_one_shard_run_writes_its_rows_and_summary_and_a_rerun_asks_only_its_fai
     failed = len(ids) - len(first["accepted"])
     assert again == sum(u["requests"] for u in summary.usage.values()) <= 3 * 7 * failed
     assert len({row["instruction_id"] for row in Store(data_dir).read("pairs").to_pylist()}) == len(first["accepted"])
+
+
+def test_a_shard_run_reports_each_stage_and_the_build_hears_each_report_once(tmp_path):
+    """The build draws replacements while a shard run goes on: the run reports how many instructions came
+    through each stage, and the watcher hands each report of a run in flight to its listener once."""
+    data_dir = str(tmp_path / "data")
+    ingest(data_dir, [f"nectar={NECTAR}"], seed=0)
+    ids = Pool(Store(data_dir), seed=0).order[:6]
+    spec = ShardSpec(build="b3", lo=0, hi=1023, ids=ids)
+    with run_simulator(seed=1, faults={"length": 0.4}) as sim:  # stages drop some instructions
+        config = BuildConfig(data_dir=data_dir, endpoint=EndpointConfig(base_url=sim.base_url, api_key="k",
+                                                                         model="facets-sim",
+                                                                         limits=RateLimits(rpm=60_000)))
+        result = asyncio.run(build_shard(config, spec))
+    summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b3", spec.key)))
+    watcher = ProgressWatcher(Store(data_dir), "b3")
+    heard = watcher.read_new({summary.run, "another-run"})
+    assert [r.stage for r in heard] == list(STAGES) and {r.run for r in heard} == {summary.run}
+    assert watcher.read_new({summary.run}) == [], "each report is read once"
+    alive = [r.alive for r in heard]
+    assert alive == sorted(alive, reverse=True) and alive[0] <= len(ids)
+    assert alive[-1] == len(result["accepted"]) < len(ids), "the faults dropped none: the test shows nothing"
+    Store(data_dir).write_text("{}", *progress_parts("b3", "finished-run", "pairs"))
+    assert watcher.read_new({"another-run"}) == [], "a run not in flight: its reports are not read"
+
+
+def test_the_build_hears_a_shard_runs_stage_reports_in_its_event_loop(tmp_path):
+    """The listener may start replacement shards: it runs in the build's loop, not in a reading thread."""
+    store = Store(str(tmp_path / "data"))
+    report = ShardProgress(run="r1", stage="preference_trees", alive=7)
+    store.write_text(report.model_dump_json(), *progress_parts("b4", "r1", "preference_trees"))
+
+    async def main():
+        heard = asyncio.get_running_loop().create_future()
+        watcher = ProgressWatcher(store, "b4", poll_s=0.01)
+        watcher.listen("r1", lambda r: heard.set_result((r, asyncio.get_running_loop())))
+        try:
+            return await asyncio.wait_for(heard, 10), asyncio.get_running_loop()
+        finally:
+            await watcher.close()
+
+    (got, loop), build_loop = asyncio.run(main())
+    assert got == report and loop is build_loop
+
+
+def test_a_build_that_accepted_more_than_it_wanted_keeps_those_drawn_first():
+    def shard(lo: int, ids: list[str]) -> Shard:
+        made = Shard(lo, lo, [], {}, 3)
+        made.apply(ShardSummary(name=made.name, accepted=ids))
+        return made
+
+    order = ["d", "a", "f", "b", "e", "c"]  # the pool's draw order
+    shards = [shard(0, ["a", "b", "c"]), shard(1, ["d", "e"]), shard(2, ["f"])]
+    keep_wanted(shards, 4, order)
+    assert [s.accepted() for s in shards] == [["a", "b"], ["d"], ["f"]]
+    keep_wanted(shards, 10, order)
+    assert sum(len(s.accepted()) for s in shards) == 4
 
 
 def test_a_shard_run_with_instructions_the_data_dir_lacks_says_so_in_its_summary(tmp_path):

@@ -22,6 +22,7 @@ from facets.flows.commands.server import LocalPrefect, free_port
 from facets.llm.simulator import SimulatorProcess
 from facets.storage import Store
 from facets.storage.s3_server import S3Server, apply_env, restore_env
+from facets.tasks.plan import STAGES
 from test_deployments import _postgres_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,7 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
     # `facets status --shards`: every shard run of the build, the crashed ones and where the others ran
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("Crashed") == crashed and "Completed" in status.stdout, status.stdout
+    assert f"Completed   {len(STAGES)} of {len(STAGES)}" in status.stdout, "a finished run reported every stage"
     # the shard runs of the dead worker paid again at most what they had in flight
     assert stats["paid_twice"] <= len(killer.killed) * IN_FLIGHT, stats
     assert stats["max_ok_in_window"] <= RPM * 1.05, f"one 60 s window held more than the shared RPM: {stats}"

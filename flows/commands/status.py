@@ -6,13 +6,14 @@ import argparse
 import asyncio
 
 from facets.storage.stages import STAGE_MODELS
+from facets.tasks.plan import STAGES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="data directory (default ./data)")
     parser.add_argument("--shards", action="store_true",
                         help="per shard run of the newest build that ran shards on workers (or --build): state, "
-                             "worker, instructions accepted; needs PREFECT_API_URL")
+                             "stages done, worker, instructions accepted; needs PREFECT_API_URL")
     parser.add_argument("--build", metavar="FLOW_RUN_ID", help="a build-collection flow run (implies --shards)")
 
 
@@ -61,7 +62,8 @@ async def print_shard_runs(store, build: str | None) -> int:
         print(f"build {build}: no shard runs (its shards ran in its own process, or it has not started them)")
         return 0
     print(f"build {build}: {len(runs)} shard runs")
-    print(f"{'shard run':<26}{'state':<12}{'worker':<28}{'accepted':>10}{'seconds':>9}")
+    done = stages_done(store, build)
+    print(f"{'shard run':<26}{'state':<12}{'stages done':<18}{'worker':<28}{'accepted':>10}{'seconds':>9}")
     for run in runs:
         key = run.name.rsplit("-", 1)[0]  # runs are named <shard key>-<attempt>
         text = store.read_text(*summary_parts(build, key))
@@ -71,5 +73,17 @@ async def print_shard_runs(store, build: str | None) -> int:
         accepted = str(len(summary.accepted)) if mine else ""
         seconds = f"{summary.seconds:.0f}" if mine else ""
         state = run.state.name if run.state else "?"
-        print(f"{run.name:<26}{state:<12}{worker[:27]:<28}{accepted:>10}{seconds:>9}")
+        stages = f"{done.get(str(run.id), 0)} of {len(STAGES)}"
+        print(f"{run.name:<26}{state:<12}{stages:<18}{worker[:27]:<28}{accepted:>10}{seconds:>9}")
     return 0
+
+
+def stages_done(store, build: str) -> dict[str, int]:
+    """Per shard run, how many of its stages have ended: the reports it left (one listing)."""
+    from facets.flows.dispatch import progress_parts
+
+    done: dict[str, int] = {}
+    for name in store.names(*progress_parts(build)):
+        run_id = name.split(".", 1)[0]
+        done[run_id] = done.get(run_id, 0) + 1
+    return done
