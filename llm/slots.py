@@ -46,7 +46,7 @@ class Slots:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():  # granted just as it was cancelled: hand it on
                 self.release()
-            else:
+            elif entry in self._waiters:  # else a release already passed over it
                 self._waiters.remove(entry)
                 heapq.heapify(self._waiters)
             raise

@@ -358,6 +358,25 @@ def test_in_flight_follows_the_rpm_and_the_latency_unless_it_is_set():
     assert huge.in_flight.size == ADAPTIVE_MAX
 
 
+def test_a_waiter_cancelled_just_before_a_slot_is_freed_is_cancelled_and_takes_nothing():
+    """The freed slot skips the cancelled waiter: the waiter then finds its entry gone, and must still end
+    cancelled (a timeout around it turns that into TimeoutError), not with a ValueError of its own."""
+    from facets.llm.slots import Slots
+
+    async def main():
+        slots = Slots(1)
+        await slots.acquire()
+        waiting = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        slots.release()  # before the cancelled waiter runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert slots.used == 0 and not slots._waiters
+
+    asyncio.run(main())
+
+
 def test_slots_grow_to_let_waiters_in_and_a_cancelled_waiter_gives_its_slot_on():
     from facets.llm.slots import Slots
 
