@@ -36,6 +36,7 @@ CUT_INTERVAL_S = 1.0
 PACE_WEIGHT = 0.2
 LEASED_RATE_FLOOR = 0.01
 LEASED_RECHECK_S = 1.0
+PAID_DUST = 1e-9  # of a request or a token: what a call may lack and still count as paid for
 # Redis's buckets hold this share of the endpoint's burst: what processes were paid but have not sent yet
 # (a busy event loop sends late) still fits in the endpoint's own bucket when it arrives, instead of 429s.
 SHARED_BURST = 0.5
@@ -103,10 +104,17 @@ class Bucket:
         self.debited += amount / factor
         return self, self.debited, amount / factor
 
+    def ahead(self, place: float) -> float:
+        """The level had nobody reserved after the call at `place`: >= 0 once the call is paid for.
+        Leases pay in fractions, and their float dust must not leave a call short by 1e-16 of a request:
+        it would wait for a payment that `Limiter.owed`, counting it paid, never asks for."""
+        ahead = self.level + (self.debited - place)
+        return 0.0 if -PAID_DUST < ahead < 0 else ahead
+
     def due_in(self, place: float, now: float) -> float:
         """Seconds until the call at `place` may go (0: now)."""
         self.refill(now)
-        ahead = self.level + (self.debited - place)  # the level had nobody reserved after this call
+        ahead = self.ahead(place)
         if ahead >= 0:
             return 0.0
         if self.leased:  # paid by leases: a guess at the pace lately, and a look again soon
@@ -116,7 +124,7 @@ class Bucket:
     def owed(self, keep: float, unsent: float, most_unsent: float) -> float:
         """What a leased bucket needs from Redis: its debt (> 0), up to `most_unsent` paid for and not sent
         with the `unsent` already so; or what it holds beyond `keep` (< 0)."""
-        if self.level < 0:
+        if self.level < -PAID_DUST:
             return max(0.0, min(-self.level, most_unsent - unsent))
         return -(self.level - keep) if self.level > keep else 0.0
 
@@ -202,7 +210,7 @@ class Limiter:
         for reservation in self._waiting.values():
             for i in list(paying):
                 bucket, place, amount = reservation.places[i]
-                if place > bucket.debited + bucket.level:
+                if bucket.ahead(place) < 0:
                     paying.discard(i)
                 else:
                     unsent[buckets[i][0]] += amount

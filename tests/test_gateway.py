@@ -305,6 +305,22 @@ def test_a_leased_limiter_takes_no_more_than_it_sends():
     assert limiter.owed(0.1, 0.3) == {"requests": 1.0}
 
 
+def test_a_call_paid_in_fractions_with_float_dust_goes_and_does_not_wait_for_a_lease_never_asked():
+    """At 300 RPM a process holds at most 0.75 of a request paid and unsent, so leases pay a call in parts;
+    ten tenths leave it 1e-16 short. It must count as paid both for going and for leasing: counted paid
+    by one and short by the other, it waited for a payment that was never asked for (a build hung)."""
+    limiter = limiter_module.Limiter(RateLimits(rpm=300, burst_s=1.0), leased=True)
+    call, _ = limiter.reserve(0, 0)
+    for _ in range(10):
+        limiter.credit({"requests": 0.1}, 0.1, {"requests": 0.1})
+    assert limiter.requests.level < 0, "the dust this test is about"
+    assert limiter.due_in(call) == 0
+    limiter.sent(call)
+    assert limiter.owed(0.1, 0.15) == {"requests": 0.0}
+    second, _ = limiter.reserve(0, 0)
+    assert limiter.due_in(second) > 0 and limiter.owed(0.1, 0.15)["requests"] > 0.5, "the next call is asked for"
+
+
 def test_a_leased_bucket_takes_no_more_while_its_calls_wait_for_another():
     """Calls held back by the token bucket keep the requests they were paid: the request bucket takes no
     more (else, when the tokens came, they would all go at once), while the token bucket goes on taking."""
