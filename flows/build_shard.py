@@ -59,8 +59,9 @@ def reporter(store: Store, shard: ShardSpec, work: Shard):
     run_id = str(runtime.flow_run.id)
 
     async def report(stage: str) -> None:
-        report = ShardProgress(run=run_id, stage=stage, alive=work.expected())
-        await asyncio.to_thread(store.write_text, report.model_dump_json(), *progress_parts(shard.build, run_id, stage))
+        progress = ShardProgress(run=run_id, stage=stage, alive=work.expected())
+        parts = progress_parts(shard.build, run_id, stage)
+        await asyncio.to_thread(store.write_text, progress.model_dump_json(), *parts)
     return report
 
 

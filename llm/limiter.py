@@ -304,8 +304,8 @@ class Limiter:
         is refused, each refusal burning a request of the shared budget. Every process sees this in its
         replies and holds its sends (taking nothing from Redis) until the endpoint has refilled what Redis
         can hand out at once (SHARED_BURST of `burst_s`): what Redis banks meanwhile then goes out into a
-        bucket with room for it. The hold is never longer than Redis takes to fill from empty, so it costs
-        no budget, only a shift of when it is spent (a brake on every reply of a small bucket included)."""
+        bucket with room for it. The hold is never longer than Redis takes to fill from empty, so it moves
+        budget later and loses none, even where a small bucket brakes at nearly every reply."""
         with self._lock:
             now = self.clock()
             for bucket, kind in ((self.requests, "requests"), (self.tokens, "tokens")):
