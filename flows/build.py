@@ -189,21 +189,26 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-    keep_wanted(shards, wanted, pool.order)
+    if let_go := keep_wanted(shards, wanted, pool.order):
+        get_run_logger().warning("%d accepted instructions beyond the %d wanted were let go (a crashed shard run's "
+                                 "rerun accepted more than its first run reported); their rows stay stored",
+                                 let_go, wanted)
     return shards
 
 
-def keep_wanted(shards: list[Shard], wanted: int, order: list[str]) -> None:
+def keep_wanted(shards: list[Shard], wanted: int, order: list[str]) -> int:
     """Exactly `wanted` accepted, those drawn first (`order`: the pool's draw order), as a build that drew
     no more than it needed would have: a shard run that crashed and went again can accept more than its
     first run reported, after replacements were drawn for the difference. The rows let go stay stored
-    (paid for), and a later, larger build reuses them."""
-    if sum(len(shard.accepted()) for shard in shards) <= wanted:
-        return
+    (paid for), and a later, larger build reuses them. Returns how many were let go."""
+    surplus = sum(len(shard.accepted()) for shard in shards) - wanted
+    if surplus <= 0:
+        return 0
     rank = {iid: i for i, iid in enumerate(order)}
     kept = set(sorted((iid for shard in shards for iid in shard.accepted()), key=rank.__getitem__)[:wanted])
     for shard in shards:
         shard.keep_only(kept)
+    return surplus
 
 
 async def cancel_shards_of(flow, flow_run, state) -> None:

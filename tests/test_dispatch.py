@@ -117,9 +117,9 @@ def test_a_build_that_accepted_more_than_it_wanted_keeps_those_drawn_first():
 
     order = ["d", "a", "f", "b", "e", "c"]  # the pool's draw order
     shards = [shard(0, ["a", "b", "c"]), shard(1, ["d", "e"]), shard(2, ["f"])]
-    keep_wanted(shards, 4, order)
+    assert keep_wanted(shards, 4, order) == 2
     assert [s.accepted() for s in shards] == [["a", "b"], ["d"], ["f"]]
-    keep_wanted(shards, 10, order)
+    assert keep_wanted(shards, 10, order) == 0
     assert sum(len(s.accepted()) for s in shards) == 4
 
 

@@ -80,10 +80,8 @@ async def print_shard_runs(store, build: str | None) -> int:
 
 def stages_done(store, build: str) -> dict[str, int]:
     """Per shard run, how many of its stages have ended: the reports it left (one listing)."""
+    from collections import Counter
+
     from facets.flows.dispatch import progress_parts
 
-    done: dict[str, int] = {}
-    for name in store.names(*progress_parts(build)):
-        run_id = name.split(".", 1)[0]
-        done[run_id] = done.get(run_id, 0) + 1
-    return done
+    return Counter(name.split(".", 1)[0] for name in store.names(*progress_parts(build)))
