@@ -5,7 +5,9 @@ A flow run started by a worker sends a heartbeat event every PREFECT_FLOWS_HEART
 machine dies, its runs stay `Running` (or `Pending`, if it died while starting them) with nobody behind
 them. Two automations, Prefect's own recipe for "zombie" runs, mark such a run `Crashed`:
 - a run whose last heartbeat is not followed by another (or by a final state) within `ZOMBIE_AFTER_S`;
-- a run that went `Pending` and sent no heartbeat (nor ended) within `START_WITHIN_S`.
+- a run that went `Pending` and neither started, beat nor ended within `START_WITHIN_S`.
+A run that never beats (a flow called in a process without PREFECT_FLOWS_HEARTBEAT_FREQUENCY) is left
+alone once it is Running: only its own process could say it died. `facets` commands beat (flows/cli.py).
 A build waiting on that shard run then starts it again, on whichever worker takes it.
 
     python -m facets.flows.automations [--after SECONDS]     # against the server PREFECT_API_URL names
@@ -35,13 +37,13 @@ def zombie_automations(after_s: float = ZOMBIE_AFTER_S, start_within_s: float = 
         raise ValueError(f"a run beats every {HEARTBEAT_S} s: crashing it after {after_s} s of silence would "
                          "crash live runs")
 
-    def crash_when(name: str, after: str, seconds: float, why: str) -> AutomationCore:
+    def crash_when(name: str, after: str, seconds: float, why: str, also_alive: tuple[str, ...] = ()) -> AutomationCore:
         return AutomationCore(
             name=name,
             description=f"{why}: mark it Crashed, so whoever waits on it (a build waiting on a shard) "
                         "can start it again elsewhere.",
             trigger=EventTrigger(
-                after={after}, expect={"prefect.flow-run.heartbeat", *FINAL},
+                after={after}, expect={"prefect.flow-run.heartbeat", *also_alive, *FINAL},
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
                 for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
                 within=timedelta(seconds=seconds)),
@@ -49,7 +51,7 @@ def zombie_automations(after_s: float = ZOMBIE_AFTER_S, start_within_s: float = 
 
     return [crash_when(NAME, "prefect.flow-run.heartbeat", after_s, f"no heartbeat for {after_s:.0f} s"),
             crash_when(START_NAME, "prefect.flow-run.Pending", start_within_s,
-                       f"pending for {start_within_s:.0f} s without starting")]
+                       f"pending for {start_within_s:.0f} s without starting", ("prefect.flow-run.Running",))]
 
 
 async def ensure_zombie_automations(api_url: str | None = None, after_s: float = ZOMBIE_AFTER_S,

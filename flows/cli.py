@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Each module exposes `configure(parser)` and `run(args) -> int`.
@@ -28,8 +29,18 @@ def _overview() -> argparse.ArgumentParser:
     return parser
 
 
+def beat_by_default() -> None:
+    """Flows run by these commands (a build, a training run) send heartbeats like a worker's runs, set
+    before Prefect reads its settings: the server's zombie automations (flows/automations.py) then tell a
+    build whose process died from a live one, and a user's own setting wins."""
+    from facets.flows.automations import HEARTBEAT_S
+
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    beat_by_default()
     if not argv or argv[0] not in COMMANDS:
         _overview().parse_args(argv)  # prints usage, or the error for an unknown command
         _overview().print_help()

@@ -209,7 +209,8 @@ def test_the_zombie_automations_are_created_on_the_server_once(tmp_path):
     (beats,), (starts,) = asyncio.run(read())
     assert beats.trigger.within.total_seconds() == 60 and beats.trigger.after == {"prefect.flow-run.heartbeat"}
     assert starts.trigger.after == {"prefect.flow-run.Pending"}
-    assert "prefect.flow-run.heartbeat" in starts.trigger.expect
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"} <= starts.trigger.expect
+    assert "prefect.flow-run.Running" not in beats.trigger.expect  # a run that beat once and stopped is dead
     assert beats.actions[0].state.value == "CRASHED" and beats.trigger.posture.value == "Proactive"
 
 

@@ -91,14 +91,16 @@ def facets_build(config: dict, env: dict, path: Path) -> str:
     return re.search(r"^release (\w+) \(new release\)", done.stdout, re.M)[1]
 
 
-def crashed_shard_runs(api_url: str) -> int:
+def crashed_runs(api_url: str, flow: str) -> int:
+    """Runs of `flow` that were ever Crashed, whatever state they ended in."""
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     async def read():
         async with PrefectClient(api_url) as client:
-            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
-            return [run for run in runs if run.state.is_crashed()]
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])))
+            histories = [await client.read_flow_run_states(run.id) for run in runs]
+            return [run for run, states in zip(runs, histories) if any(state.is_crashed() for state in states)]
 
     return len(asyncio.run(read()))
 
@@ -120,7 +122,8 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
                 spread = facets_build(build_config(data_dir, shard_deployment="build-shard/default"),
                                       {**env, "PREFECT_API_URL": stack.api_url}, tmp_path / "spread.json")
                 killer.join(1)
-                crashed = crashed_shard_runs(stack.api_url)
+                crashed = crashed_runs(stack.api_url, "build-shard")
+                build_crashed = crashed_runs(stack.api_url, "build-collection")
                 status = subprocess.run([sys.executable, "-m", "facets.flows.cli", "status", "--shards", "--data-dir",
                                          data_dir], env={**env, "PREFECT_API_URL": stack.api_url}, cwd=ROOT,
                                         capture_output=True, text=True, timeout=120)
@@ -136,6 +139,7 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
         single = facets_build(build_config(str(tmp_path / "single")), env, tmp_path / "single.json")
     assert killer.killed, "no worker was killed mid-shard: the test proved nothing"
     assert crashed >= 1, "the killed worker's shard runs were marked Crashed, and ran again elsewhere"
+    assert build_crashed == 0, "the build's own run, alive in `facets build`, beats and is never taken for dead"
     # `facets status --shards`: every shard run of the build, the crashed ones and where the others ran
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("Crashed") == crashed and "Completed" in status.stdout, status.stdout
