@@ -72,6 +72,29 @@ def test_busy_processes_share_one_bucket_and_an_idle_one_holds_nothing():
             limiter.lease.close()
 
 
+def test_processes_whose_calls_wait_unsent_hold_no_more_together_than_one_share():
+    """Busy event loops that send late: each process may hold paid calls it has not sent, and what all
+    of them hold would go out at once. However many processes take, together they hold UNSENT_ALL_S."""
+    import time
+
+    from facets.llm.limit_share import UNSENT_ALL_S, UNSENT_MAX_S
+
+    key, rate = f"test-{uuid.uuid4().hex}", 100  # a second
+    limiters = {f"p{i}": _leased(rate * 60, key) for i in range(4)}
+    try:
+        queues: dict = {}
+        _send_for(1.0, limiters, queues)  # every one has taken, and knows how many take
+        assert {limiter.lease.takers for limiter in limiters.values()} == {4}
+        time.sleep(1.0)  # now none sends: what each was paid meanwhile waits
+        unsent = {name: sum(limiter.due_in(r) == 0 for r in queues[name]) for name, limiter in limiters.items()}
+    finally:
+        for limiter in limiters.values():
+            limiter.lease.close()
+    assert sum(unsent.values()) <= rate * UNSENT_ALL_S + len(limiters), unsent  # a call part paid each
+    assert sum(unsent.values()) < rate * UNSENT_MAX_S * len(limiters), "each alone would hold more"
+    assert min(unsent.values()) >= 1, f"each still holds calls ready for its loop: {unsent}"
+
+
 def test_tokens_a_process_was_given_back_return_to_redis():
     import time
 
