@@ -382,7 +382,7 @@ class Gateway:
                 output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
                 reservation, wait = limiter.reserve(input_tokens, output_tokens)
                 while wait > 0:  # its place may have moved while it slept: it looks again
-                    await _sleep_to_tick(wait)
+                    await (_until_paid(limiter, reservation, wait) if limiter.leased else _sleep_to_tick(wait))
                     wait = limiter.due_in(reservation)
                 while (pause := limiter.pause_remaining()) > 0:
                     await asyncio.sleep(pause)
@@ -491,6 +491,29 @@ async def _sleep_to_tick(wait: float) -> None:
     loop = asyncio.get_running_loop()
     now = loop.time()
     await asyncio.sleep(math.ceil((now + wait) / WAKE_TICK_S) * WAKE_TICK_S - now)
+
+
+async def _until_paid(limiter, reservation, wait: float) -> None:
+    """A shared limit's call: sleep until a lease has paid for it, or `wait` at the most (the lease thread
+    is late); paid already, it waits out a pause as any call does."""
+    loop = asyncio.get_running_loop()
+    paid = loop.create_future()
+
+    def wake() -> None:  # in the lease thread, mostly
+        try:
+            loop.call_soon_threadsafe(_set_done, paid)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits
+            pass
+
+    if limiter.wake_when_paid(reservation, wake):
+        await asyncio.wait((paid,), timeout=wait)
+    else:
+        await _sleep_to_tick(wait)
+
+
+def _set_done(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retryable(error: BaseException) -> bool:

@@ -10,7 +10,8 @@ allowed rate multiplicatively (recovered additively on success; not for a shared
 a time, and holds the refill: the queue resumes at the rate.
 The limiter keeps no asyncio objects, so one instance can pace coroutines in several event loops of one
 process. With `share_via`, the buckets do not refill by themselves: what they owe is taken from one
-bucket in Redis that every process shares (llm/limit_share.py).
+bucket in Redis that every process shares (llm/limit_share.py), and a call waiting for it is woken by a
+callback its own event loop gave (`wake_when_paid`) as soon as it is paid for.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from facets.schemas.config import RateLimits
 
@@ -140,6 +142,10 @@ class Reservation:
     input_tokens: float
     output_tokens: float
     places: tuple[tuple[Bucket, float, float], ...] = ()  # per bucket: the call's place, and what it took
+    on_paid: Callable[[], None] | None = None  # leased: called once when a lease has paid it in full
+
+    def paid(self) -> bool:
+        return all(bucket.ahead(place) >= 0 for bucket, place, _ in self.places)
 
 
 class Limiter:
@@ -222,6 +228,31 @@ class Limiter:
         with self._lock:
             for name, bucket in self.buckets().items():
                 bucket.credit(given.get(name, 0.0), seconds, asked.get(name, 0.0))
+            paid = self._newly_paid()
+        for on_paid in paid:
+            on_paid()
+
+    def wake_when_paid(self, reservation: Reservation, on_paid: Callable[[], None]) -> bool:
+        """Leased: have `on_paid` called (from whichever thread pays) once the call is paid for in full,
+        so it goes at once, not when its guessed wait ends: a call paid and asleep holds a share of the
+        budget that other processes cannot use. False if it is paid already (nothing will be called)."""
+        with self._lock:
+            if reservation.paid():
+                return False
+            reservation.on_paid = on_paid
+            return True
+
+    def _newly_paid(self) -> list[Callable[[], None]]:
+        """The wake-ups of waiting calls now paid in full. Every bucket pays the waiting calls in the order
+        they reserved, so those paid in full come first: the look ends at the first one that is not."""
+        woken = []
+        for reservation in self._waiting.values():
+            if not reservation.paid():
+                break
+            if reservation.on_paid is not None:
+                woken.append(reservation.on_paid)
+                reservation.on_paid = None
+        return woken
 
     def pause_remaining(self) -> float:
         return max(0.0, self.paused_until - self.clock())
@@ -238,6 +269,9 @@ class Limiter:
                 bucket.level = min(bucket.capacity, bucket.level - delta)
             if success:
                 self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
+            paid = self._newly_paid()  # a reply shorter than reserved may pay for the calls behind it
+        for on_paid in paid:
+            on_paid()
 
     def sent(self, reservation: Reservation) -> None:
         """The call goes to the server now: what it reserved no longer waits."""
@@ -254,6 +288,9 @@ class Limiter:
                 bucket.refill(now)
                 bucket.level = min(bucket.capacity, bucket.level + amount)
             self._waiting.pop(id(reservation), None)
+            paid = self._newly_paid()
+        for on_paid in paid:
+            on_paid()
 
     def release(self, reservation: Reservation) -> None:
         """A request that never reached the server (or was refused with 429) gives its tokens back;

@@ -264,6 +264,38 @@ def test_a_leased_limiter_brakes_when_the_endpoint_says_it_is_nearly_empty():
     assert limiter.pause_remaining() == 0 and limiter.owed(0.1, 0.1) == {"requests": 1.0}
 
 
+def test_a_call_under_a_shared_limit_goes_as_soon_as_a_lease_pays_for_it_not_when_its_guess_ends():
+    """A paid call asleep until its guessed wait ends holds budget that no process uses (and a process
+    may hold only its part paid and unsent): the lease thread that pays it wakes it, once."""
+    import threading
+
+    from facets.llm.gateway import _until_paid
+
+    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)
+    first, _ = limiter.reserve(0, 0)
+    second, _ = limiter.reserve(0, 0)
+    woken = []
+    assert limiter.wake_when_paid(second, lambda: woken.append("second"))
+    limiter.credit({"requests": 1.5}, 0.1, {"requests": 1.5})
+    assert woken == [], "the first call is paid, the second only half"
+    limiter.credit({"requests": 0.5}, 0.1, {"requests": 0.5})
+    limiter.credit({"requests": 1.0}, 0.1, {"requests": 1.0})
+    assert woken == ["second"], "woken once, when paid in full"
+    assert not limiter.wake_when_paid(first, lambda: woken.append("first")), "paid already: nothing to wait for"
+
+    async def wait_for_a_lease() -> float:
+        fresh = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)
+        call, _ = fresh.reserve(0, 0)
+        pay = threading.Timer(0.2, fresh.credit, ({"requests": 1.0}, 0.1, {"requests": 1.0}))
+        started = time.monotonic()
+        pay.start()
+        await _until_paid(fresh, call, wait=5.0)
+        assert fresh.due_in(call) == 0
+        return time.monotonic() - started
+
+    assert asyncio.run(wait_for_a_lease()) < 1.0, "it slept its whole guess"
+
+
 def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers():
     """Through the real endpoint: another client drains the simulator's bucket; the next reply a process
     under a shared limit gets says so, and the process holds its sends."""
