@@ -165,6 +165,8 @@ def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: P
         with sim, LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"],
                                cpu_workers=workers, worker_limit=args.worker_limit, log_dir=home / "logs",
                                env={**env, "OPENAI_BASE_URL": sim.base_url}) as stack:
+            if args.endpoint_nice:  # the endpoint stands for a service on machines of its own
+                os.setpriority(os.PRIO_PROCESS, sim.process.pid, args.endpoint_nice)
             sampler = RssSampler([w.process.pid for w in stack.workers])
             sampler.start()
             cpu_parts = CpuByPart()
@@ -309,7 +311,8 @@ def show(results: list[dict], args: argparse.Namespace) -> bool:
     print(f"\n{os.cpu_count()} CPUs; N = {args.n}; simulator {args.latency_ms:g} ms +- {args.jitter_ms:g} ms, "
           f"RPM {args.rpm:g}, TPM {args.tpm:g}; shard size {args.shard_size}; worker limit {args.worker_limit}; "
           f"{args.concurrency} shard runs in flight at most, "
-          f"{args.max_tree_shards} making trees at once")
+          f"{args.max_tree_shards} making trees at once"
+          + (f"; the simulator at niceness {args.endpoint_nice}" if args.endpoint_nice else ""))
     if args.n < PAPER_N:
         print(f"N = {args.n} is BELOW the paper's {PAPER_N:,}: {args.why_small}")
     ok = True
@@ -366,6 +369,9 @@ def main() -> int:
     parser.add_argument("--max-tree-shards", type=int, default=1, help="shards making trees at once, all workers")
     parser.add_argument("--failure-window", type=int, default=5000, help="as bench/build.py's FAILURE_WINDOW")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--endpoint-nice", type=int, default=0,
+                        help="the simulator's niceness (below 0 needs root): a real endpoint runs on machines of its "
+                             "own, and one starved of CPU here answers late, then all at once, past its own bucket")
     parser.add_argument("--quick", action="store_true", help=f"N={QUICK['n']}, workers {QUICK['workers']}")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
