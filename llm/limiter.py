@@ -229,8 +229,7 @@ class Limiter:
             for name, bucket in self.buckets().items():
                 bucket.credit(given.get(name, 0.0), seconds, asked.get(name, 0.0))
             paid = self._newly_paid()
-        for on_paid in paid:
-            on_paid()
+        _wake(paid)
 
     def wake_when_paid(self, reservation: Reservation, on_paid: Callable[[], None]) -> bool:
         """Leased: have `on_paid` called (from whichever thread pays) once the call is paid for in full,
@@ -270,8 +269,7 @@ class Limiter:
             if success:
                 self.factor = min(1.0, self.factor + RECOVERY_PER_SUCCESS)
             paid = self._newly_paid()  # a reply shorter than reserved may pay for the calls behind it
-        for on_paid in paid:
-            on_paid()
+        _wake(paid)
 
     def sent(self, reservation: Reservation) -> None:
         """The call goes to the server now: what it reserved no longer waits."""
@@ -289,8 +287,7 @@ class Limiter:
                 bucket.level = min(bucket.capacity, bucket.level + amount)
             self._waiting.pop(id(reservation), None)
             paid = self._newly_paid()
-        for on_paid in paid:
-            on_paid()
+        _wake(paid)
 
     def release(self, reservation: Reservation) -> None:
         """A request that never reached the server (or was refused with 429) gives its tokens back;
@@ -374,6 +371,12 @@ class Limiter:
                 self.paused_until = max(self.paused_until, now + pause)
                 for bucket in self.buckets().values():
                     bucket.hold(self.paused_until, now)
+
+
+def _wake(paid: list[Callable[[], None]]) -> None:
+    """Outside the limiter's lock: a wake-up may take the lock of another event loop."""
+    for on_paid in paid:
+        on_paid()
 
 
 _SHARED: dict[tuple[str, str], Limiter] = {}
