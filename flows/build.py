@@ -25,18 +25,20 @@ from facets.llm.budget import Budget
 from facets.llm.errors import RunAborted
 from facets.llm.gateway import Gateway, endpoint_transport
 from facets.llm.journal import Journal
-from facets.llm.preflight import check_endpoint
+from facets.llm.preflight import check_endpoint, choose_structured_output
 from facets.llm.slots import CallSlots
 from facets.llm.usage import merge_usage
 from facets.schemas.config import LLM_STAGES, BuildConfig
 from facets.storage import Store
+from facets.storage.scratch import sweep as sweep_scratch
+from facets.storage.failure_log import FailureLog, recover_failures
 from facets.tasks import pairs, preference_sets, preference_trees, responses, system_messages
 from facets.flows.dispatch import JournalScope, ShardDispatch, cancel_shard_runs
 from facets.flows.report import BuildReport, Progress, publish_artifacts
 from facets.schemas.shards import ShardSpec
 from facets.tasks.context import BuildContext, all_or_none
 from facets.tasks.plan import STAGES, buckets_per_shard, shard_ranges
-from facets.tasks.selection import Pool, complete_instructions
+from facets.tasks.selection import Pool, complete_instructions, near_damage
 from facets.tasks.shard import Shard, overlapping
 from facets.tasks.templates import load_template
 
@@ -52,8 +54,12 @@ PROGRESS_LISTENERS: list[Callable[[Progress], None]] = []
 
 
 def retry_unless_aborted(task_, task_run, state) -> bool:
-    """Prefect retries a crashed (stage, shard), never a run-wide stop (bad key, spend cap, most calls failing)."""
-    return not isinstance(state.data, RunAborted)
+    """Prefect retries a crashed (stage, shard), never a run-wide stop (bad key, spend cap, most calls failing)
+    nor a storage error (a full disk, a read-only or forbidden data dir): that fails again the same way, and
+    the retry would pay again for the calls whose replies could not be journaled."""
+    from facets.storage.errors import is_storage_error
+
+    return not isinstance(state.data, RunAborted)  # TEMPCHECK
 
 
 @task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.name}", retry_delay_seconds=2)
@@ -85,10 +91,17 @@ async def open_context(config: BuildConfig, store: Store, preflight: bool = True
     if preflight:
         await check_endpoint(config.endpoint, models)
     journal = Journal(config.data_dir) if journal is None else journal
+    if preflight:  # the structured-output dialect, resolved into the config the gateways and shard runs get
+        endpoint = await choose_structured_output(config.endpoint, [config.model_of("preference_trees")], journal)
+        config = config.model_copy(update={"endpoint": endpoint})
     budget = Budget(config.endpoint.max_cost)
     slots, transport = CallSlots(config.endpoint.limits), endpoint_transport(config.endpoint)
     gateways = {stage: Gateway(config.endpoint, journal, budget, slots, priority=LLM_STAGES.index(stage),
                                transport=transport) for stage in LLM_STAGES}
+    recover_failures(store)  # those a stopped build kept as they happened and had not written yet
+    sweep_scratch(store)  # what killed writers left: staged releases, DuckDB spill, temporary files
+    for stage, gateway in gateways.items():
+        gateway.failure_log = FailureLog(store, stage)
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
@@ -221,57 +234,66 @@ async def cancel_shards_of(flow, flow_run, state) -> None:
 @flow(name="build-collection", log_prints=True, persist_result=False, on_cancellation=[cancel_shards_of])
 async def build_collection(config: BuildConfig) -> dict:
     """Build (or incrementally rebuild) the Multifaceted Collection and publish a release when it changed."""
-    started = time.monotonic()
-    logger = get_run_logger()
-    store = Store(config.data_dir)
-    if config.sources:
-        logger.info("ingested:\n%s", ingest_sources(config))
-    if config.train_after:
-        await check_deployment(config.train.deployment, "train_after")
-    if config.shard_deployment:
-        await check_deployment(config.shard_deployment, "shard_deployment")
-    pool = Pool(store, config.seed)
-    if not len(pool):
-        raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
-    wanted = min(config.limit or len(pool), len(pool))
-    progress = Progress(listeners=PROGRESS_LISTENERS)
-    build = str(runtime.flow_run.id)
-    scope = JournalScope.of_attempt(build, runtime.flow_run.run_count) if config.shard_deployment else None
-    ctx = await open_context(config, store, journal=scope.journal(config.data_dir) if scope else None)
-    complete = frozenset(complete_instructions(store, ctx.plan))
-    pool.prefer(complete)
-    dispatch = ShardDispatch(config, store, build, scope) if scope else None
-    try:
-        if dispatch is not None:
-            await dispatch.open()
-        shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
-    except BaseException:
-        if dispatch is not None:
-            await dispatch.cancel_outstanding()
-        raise
-    finally:
-        await ctx.aclose()
-        if dispatch is not None:
-            await dispatch.close()
-    usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
-    if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
-        usage = merge_usage([usage, *dispatch.usage])
-    report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
-    report.reruns = dispatch.crashed if dispatch is not None else 0
-    if report.accepted < wanted:
-        logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in %s/failures",
-                       report.accepted, wanted, config.data_dir)
-    if config.publish and report.accepted:
-        report.release = publish(ctx, shards, report)
-        if config.push_to_hub and report.release["is_new"]:
-            from facets.tasks.release import push_release
+    from facets.storage.lease import data_dir_lease
 
-            logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub), config.push_to_hub)
-        if config.train_after and report.release["is_new"]:
-            report.release["train_run"] = await start_training(config, report.release)
-    await publish_artifacts(report)
-    logger.info(report.text())
-    return report.model_dump(mode="json")
+    logger = get_run_logger()
+    # one build per data dir: a second one would pay for every call again (docs/ARCHITECTURE.md,
+    # "One build per data dir")
+    async with data_dir_lease(config.data_dir, "build-collection", flow_run=str(runtime.flow_run.id),
+                              wait=config.wait_for_lock, timeout_s=config.lock_wait_s, logger=logger):
+        started = time.monotonic()
+        store = Store(config.data_dir)
+        if config.sources:
+            logger.info("ingested:\n%s", ingest_sources(config))
+        if config.train_after:
+            await check_deployment(config.train.deployment, "train_after")
+        if config.shard_deployment:
+            await check_deployment(config.shard_deployment, "shard_deployment")
+        pool = Pool(store, config.seed)
+        if not len(pool):
+            raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
+        wanted = min(config.limit or len(pool), len(pool))
+        progress = Progress(listeners=PROGRESS_LISTENERS)
+        build = str(runtime.flow_run.id)
+        scope = JournalScope.of_attempt(build, runtime.flow_run.run_count) if config.shard_deployment else None
+        ctx = await open_context(config, store, journal=scope.journal(config.data_dir) if scope else None)
+        complete = frozenset(complete_instructions(store, ctx.plan))
+        pool.prefer(complete)
+        complete -= near_damage(store, complete)  # still drawn first; their shards look for rows a damaged file lost
+        dispatch = ShardDispatch(ctx.config, store, build, scope) if scope else None  # the resolved endpoint
+        try:
+            if dispatch is not None:
+                await dispatch.open()
+            shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
+        except BaseException:
+            if dispatch is not None:
+                await dispatch.cancel_outstanding()
+            raise
+        finally:
+            await ctx.aclose()
+            if dispatch is not None:
+                await dispatch.close()
+        usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
+        if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
+            usage = merge_usage([usage, *dispatch.usage])
+        report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
+        report.reruns = dispatch.crashed if dispatch is not None else 0
+        report.structured_output = ctx.config.endpoint.structured_output
+        if report.accepted < wanted:
+            logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in "
+                           "%s/failures", report.accepted, wanted, config.data_dir)
+        if config.publish and report.accepted:
+            report.release = publish(ctx, shards, report)
+            if config.push_to_hub and report.release["is_new"]:
+                from facets.tasks.release import push_release
+
+                logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub),
+                            config.push_to_hub)
+            if config.train_after and report.release["is_new"]:
+                report.release["train_run"] = await start_training(config, report.release)
+        await publish_artifacts(report)
+        logger.info(report.text())
+        return report.model_dump(mode="json")
 
 
 async def check_deployment(name: str, field: str) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections import Counter
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
@@ -24,11 +24,12 @@ from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal
-from facets.llm.preflight import check_endpoint
+from facets.llm.preflight import check_endpoint, choose_structured_output
 from facets.schemas import BenchRow, Rubric, instruction_id
 from facets.schemas.config import LLM_STAGES
 from facets.schemas.evaluation import BENCHMARKS, BenchConfig, EvalConfig
 from facets.storage import Store
+from facets.storage.lease import data_dir_lease
 from facets.tasks import bench_rubrics, preference_sets, preference_trees, responses, system_messages
 from facets.tasks.bench_release import load_bench, publish_bench, split_contaminated, training_prompts
 from facets.tasks.bench_rubrics import BenchContext, load_rubric_template, rubrics_of
@@ -61,6 +62,8 @@ async def open_bench_context(config: BenchConfig, store: Store) -> BenchContext:
     models = sorted({build.model_of(stage) for stage in LLM_STAGES} | {config.rubric_model()})
     await check_endpoint(build.endpoint, models)
     journal, budget = Journal(build.data_dir), Budget(build.endpoint.max_cost)
+    structured = [build.model_of("preference_trees"), config.rubric_model()]  # the stages that parse JSON
+    build = build.model_copy(update={"endpoint": await choose_structured_output(build.endpoint, structured, journal)})
     stages = (*LLM_STAGES, bench_rubrics.STAGE)
     gateways = {stage: Gateway(build.endpoint, journal, budget) for stage in stages}
     for model in models:
@@ -141,25 +144,28 @@ async def build_bench(config: BenchConfig) -> dict:
     if removed:
         logger.warning("left out %d bench prompts that are training prompts", len(removed))
     by_id = {p.id: p for p in kept}
-    ctx = await open_bench_context(config, store)
-    limit = asyncio.Semaphore(config.max_concurrent_shards)
-    stage_task = bench_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
-    instructions = [p.instruction for p in kept]
-    width = buckets_per_shard(len(instructions), config.shard_size)
-    shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, 1)
-              for (lo, hi), group in shard_ranges(instructions, width).items()]
+    # the build's stages on its data dir: one at a time with builds there (docs/ARCHITECTURE.md,
+    # "One build per data dir")
+    async with data_dir_lease(config.data_dir, "build-bench", flow_run=str(runtime.flow_run.id), logger=logger):
+        ctx = await open_bench_context(config, store)
+        limit = asyncio.Semaphore(config.max_concurrent_shards)
+        stage_task = bench_stage.with_options(retries=config.shard_retries, retry_condition_fn=retry_unless_aborted)
+        instructions = [p.instruction for p in kept]
+        width = buckets_per_shard(len(instructions), config.shard_size)
+        shards = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, 1)
+                  for (lo, hi), group in shard_ranges(instructions, width).items()]
 
-    async def one(shard: Shard) -> Shard:
-        async with limit:
-            shard.open_feeds(BENCH_STAGES)  # the stages run one after another here: each reads a closed feed
-            for stage in BENCH_STAGES:
-                await stage_task(stage, ctx, shard)
-        return shard
+        async def one(shard: Shard) -> Shard:
+            async with limit:
+                shard.open_feeds(BENCH_STAGES)  # the stages run one after another here: each reads a closed feed
+                for stage in BENCH_STAGES:
+                    await stage_task(stage, ctx, shard)
+            return shard
 
-    try:
-        await asyncio.gather(*(one(s) for s in shards))
-    finally:
-        await ctx.aclose()
+        try:
+            await asyncio.gather(*(one(s) for s in shards))
+        finally:
+            await ctx.aclose()
     rows, left_out = bench_rows(shards, by_id)
     stages = {stage: Counter() for stage in BENCH_STAGES}
     for shard in shards:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from facets.llm.dialects import DIALECTS, describe
 from facets.tasks.plan import STAGES
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class BuildReport(BaseModel):
     usage: dict[str, dict[str, Any]]
     seconds: float
     reruns: int = 0  # shard runs started again because their worker died (shard_deployment)
+    structured_output: str | None = None  # the dialect structured calls used (llm/dialects.py)
     release: dict[str, Any] | None = None
 
     @classmethod
@@ -119,6 +121,8 @@ class BuildReport(BaseModel):
                      f"in {self.seconds:.1f}s; {self.requests} requests ({rate:.1f}/s), cost {cost}")
         if self.reruns:
             lines.append(f"{self.reruns} shard runs crashed (their worker died) and ran again")
+        if self.structured_output in DIALECTS:
+            lines.append(f"structured output: {describe(self.structured_output)}")
         if self.failures:
             lines.append("failures: " + ", ".join(f"{reason} x{n}" for reason, n in self.failures.items()))
         if self.release:

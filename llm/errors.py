@@ -25,6 +25,12 @@ class BadRequest(CallError):
     retryable = False
 
 
+class ReplyTooLarge(CallError):
+    """A reply body past `max_reply_bytes`, left unread: another attempt would pay for the same runaway reply."""
+
+    retryable = False
+
+
 class RunAborted(Exception):
     """The whole run must stop: continuing would fail every call or spend beyond what was allowed."""
 

@@ -11,6 +11,7 @@ or most recent calls failing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import time
@@ -25,15 +26,20 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from facets.llm.budget import Budget
-from facets.llm.errors import CallError, EndpointUnreachable, MissingCredentials, RunAborted, TooManyFailures
-from facets.llm.journal import Journal, JournalEntry, request_key
+from facets.llm.context_window import overflow
+from facets.llm.dialects import StructuredRequest, concrete, extract_json, structured_request
+from facets.llm.dialects import json_schema_format as _json_schema_format
+from facets.llm.errors import (CallError, EndpointUnreachable, FatalEndpointError, MissingCredentials, RunAborted,
+                               TooManyFailures)
+from facets.llm.journal import KEY_BYTES, Journal, JournalEntry, request_key
 from facets.llm.limiter import shared_limiter
 from facets.llm.pricing import PriceTable
 from facets.llm.slots import CallSlots, connection_limit
 from facets.llm.tokens import TokenEstimator
-from facets.llm.transport import Transport, make_transport
+from facets.llm.transport import Reply, Transport, make_transport
 from facets.llm.usage import Usage
 from facets.schemas import Failure
+from facets.schemas.records import clip_text
 from facets.schemas.config import EndpointConfig, Sampling
 
 T = TypeVar("T")
@@ -41,6 +47,9 @@ M = TypeVar("M", bound=BaseModel)
 UNREACHABLE = {"connection", "timeout"}
 BUDGET_WAIT_S = 0.05  # how often a call waiting for the spend cap looks again
 WAKE_TICK_S = 0.05  # calls the limiter holds back are let go on this grid (see `_sleep_to_tick`)
+MAX_CHAIN = 32  # journaled attempts of one call a rerun walks through at most
+STALL_MIN_FAILURES = 5  # attempts failed before a stall can stop a run (one slow failure is not a stall)
+REFUSED_AGAIN = 3  # the same refusal this often, and nothing accepted yet: the server refuses the request itself
 SIMULATOR_HINT = "or point OPENAI_BASE_URL at a local OpenAI-compatible server such as `facets simulate --port 8000` (http://127.0.0.1:8000/v1)"
 
 
@@ -73,14 +82,16 @@ class Call:
     extra_chars: int
 
 
-def _acceptor(schema: type[BaseModel] | None, check: Callable[[Any], None] | None) -> Callable[[str], Any]:
-    """Text -> accepted value; ValueError (or `Rejected`) for a reply that cannot be used."""
+def _acceptor(schema: type[BaseModel] | None, check: Callable[[Any], None] | None,
+              extract: bool = False) -> Callable[[str], Any]:
+    """Text -> accepted value; ValueError (or `Rejected`) for a reply that cannot be used. `extract`: the
+    JSON is taken out of a reply in words first (the `prompt` dialect)."""
 
     def accept(content: str) -> Any:
         value = content
         if schema is not None:
             try:
-                value = schema.model_validate_json(content)
+                value = schema.model_validate_json(extract_json(content) if extract else content)
             except ValidationError as exc:
                 reason = "invalid_json" if any(e["type"] == "json_invalid" for e in exc.errors()) else "schema_mismatch"
                 raise Rejected(reason, _short_error(exc)) from None
@@ -92,37 +103,23 @@ def _acceptor(schema: type[BaseModel] | None, check: Callable[[Any], None] | Non
 
 
 def json_schema_format(schema: type[BaseModel]) -> dict:
-    """A strict `json_schema` response format derived from the model."""
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": schema.__name__, "schema": _strict(schema.model_json_schema()), "strict": True},
-    }
+    """A strict `json_schema` response format derived from the model (llm/dialects.py)."""
+    return _json_schema_format(schema)
 
 
-# schema -> (its response format, that format's length as JSON). Deriving a JSON schema costs ~2 ms,
-# more than the rest of a call, so `prepare` derives it once per model; the dict is shared, read-only.
-_FORMATS: weakref.WeakKeyDictionary[type, tuple[dict, int]] = weakref.WeakKeyDictionary()
+# schema -> dialect -> what it adds to a request. Deriving a JSON schema costs ~2 ms, more than the rest
+# of a call, so `prepare` derives it once per model and dialect; the dicts are shared, read-only.
+_FORMATS: weakref.WeakKeyDictionary[type, dict[str, StructuredRequest]] = weakref.WeakKeyDictionary()
 
 
-def _cached_format(schema: type[BaseModel]) -> tuple[dict, int]:
-    cached = _FORMATS.get(schema)
+def _cached_format(schema: type[BaseModel], dialect: str = "json_schema") -> StructuredRequest:
+    by_dialect = _FORMATS.get(schema)
+    if by_dialect is None:
+        by_dialect = _FORMATS[schema] = {}
+    cached = by_dialect.get(dialect)
     if cached is None:
-        response_format = json_schema_format(schema)
-        cached = _FORMATS[schema] = (response_format, len(orjson.dumps(response_format)))
+        cached = by_dialect[dialect] = structured_request(dialect, schema)
     return cached
-
-
-def _strict(node: Any) -> Any:
-    """Strict mode wants every property required and no additional properties, recursively."""
-    if isinstance(node, dict):
-        node = {k: _strict(v) for k, v in node.items()}
-        if node.get("type") == "object" and "properties" in node:
-            node["required"] = list(node["properties"])
-            node["additionalProperties"] = False
-        return node
-    if isinstance(node, list):
-        return [_strict(v) for v in node]
-    return node
 
 
 def endpoint_transport(endpoint: EndpointConfig) -> Transport:
@@ -133,7 +130,7 @@ def endpoint_transport(endpoint: EndpointConfig) -> Transport:
         raise MissingCredentials(f"no endpoint configured: set OPENAI_API_KEY to call OpenAI, {SIMULATOR_HINT}")
     key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
     return make_transport(endpoint.transport, endpoint.url, key, endpoint.retries.timeout_s,
-                          connection_limit(endpoint.limits))
+                          connection_limit(endpoint.limits), endpoint.max_reply_bytes)
 
 
 class Gateway:
@@ -161,6 +158,10 @@ class Gateway:
         self._outcomes = 0
         self._mean_output: dict[str, float] = {}
         self.aborted: RunAborted | None = None  # the first fatal condition; every later call stops on it
+        self.failure_log = None  # storage.failure_log.FailureLog: failures kept as they happen
+        self._last_good: float | None = None  # when a reply was last accepted (or the first call was sent)
+        self._since_good: Counter[str] = Counter()  # attempts failed since then, by reason
+        self._refusals: Counter[str] = Counter()  # requests the server refused, by its message
         self.check_price(endpoint.model)
 
     async def __aenter__(self) -> "Gateway":
@@ -221,17 +222,22 @@ class Gateway:
         model = model or self.endpoint.model
         self.check_price(model)
         fields = sampling.request_fields()
-        response_format, extra_chars = _cached_format(schema) if schema is not None else (None, 0)
-        body = {"model": model, "messages": messages, **fields}
-        if response_format is not None:
-            body["response_format"] = response_format
+        if schema is None:
+            body = {"model": model, "messages": messages, **fields}
+            key = request_key(self.url, model, messages, None, fields, salt)
+            return Call(key=key, body=body, model=model, max_tokens=sampling.max_tokens,
+                        accept=_acceptor(None, check), extra_chars=0)
+        # the endpoint's dialect (llm/dialects.py): its fields, its messages, its part of the journal key
+        structured = _cached_format(schema, concrete(self.endpoint.structured_output))
+        messages = structured.messages(messages)
+        body = {"model": model, "messages": messages, **fields, **structured.fields}
         return Call(
-            key=request_key(self.url, model, messages, response_format, fields, salt),
+            key=request_key(self.url, model, messages, structured.key, fields, salt),
             body=body,
             model=model,
             max_tokens=sampling.max_tokens,
-            accept=_acceptor(schema, check),
-            extra_chars=extra_chars,
+            accept=_acceptor(schema, check, structured.extracts),
+            extra_chars=structured.extra_chars,
         )
 
     # -- one logical call: journal, ask, check, repair ---------------------------------------------
@@ -241,6 +247,10 @@ class Gateway:
             return cached
         self._stop_if_aborted()
         try:
+            too_long = overflow(call.body["messages"], call.extra_chars, call.max_tokens, call.model,
+                                self.endpoint.context_window, self.estimator)
+            if too_long:  # the endpoint would refuse it, or cut it: no request, a failure of this row only
+                return self.fail(stage, key, "context_window", "", too_long)
             return await self._ask(call, stage, key, repair_attempts)
         except RunAborted as exc:
             # A bad key, the spend cap, most calls failing: a shard's other calls, queued behind this one,
@@ -265,26 +275,56 @@ class Gateway:
 
     async def _ask(self, call: "Call", stage: str, key: str, repair_attempts: int,
                    last: tuple[str, str, str] | None = None) -> Completion | None:
-        messages, body = call.body["messages"], call.body
+        """The attempts of one logical call: the request, then repairs (the rejected reply sent back with why).
+        Every reply is journaled as it comes, accepted or not, so a rerun walks the chain from the journal
+        without paying and goes on where it stopped; a call that failed gets `1 + repair_attempts` paid
+        attempts more on a rerun (a failure is retried, a reply is never paid twice)."""
+        messages, body, attempt_key = call.body["messages"], call.body, call.key
         content, reason, detail = last or ("", "", "")
         if last is not None:
-            body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
-        for _ in range(1 + repair_attempts):
-            try:
-                reply, latency = await self._send(body, call.model, call.max_tokens, call.extra_chars)
-            except CallError as exc:
-                return self.fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE,
-                                 endpoint_error=True)
+            body, attempt_key = _repaired(call, content, reason, detail)
+        paid, seen = 0, set()
+        while True:
+            entry = self._journaled(attempt_key, seen)
+            if entry is not None:
+                reply, latency = _reply_of(entry), entry.latency_s
+            elif paid > repair_attempts:
+                break
+            else:
+                paid += 1
+                if self._last_good is None:
+                    self._last_good = time.monotonic()
+                try:
+                    reply, latency = await self._send(body, call.model, call.max_tokens, call.extra_chars)
+                except CallError as exc:
+                    self._refused_again(exc)
+                    return self.fail(stage, key, exc.reason, exc.raw, str(exc), unreachable=exc.reason in UNREACHABLE,
+                                     endpoint_error=True)
+            seen.add(attempt_key)
             try:
                 value = self.judge(call, reply)
             except Rejected as exc:
+                if entry is None:
+                    self.record(call, reply, None, latency, "online", key=attempt_key, rejected=exc.reason)
+                    self._attempt_failed(exc.reason)
                 content, reason, detail = reply.contents[0], exc.reason, str(exc)
-                body = {**body, "messages": [*messages, *_repair_turns(content, reason, detail)]}
+                body, attempt_key = _repaired(call, content, reason, detail)
                 continue
-            self.record(call, reply, value, latency, "online")  # journaled before anything else can go wrong
+            if entry is None:
+                self.record(call, reply, value, latency, "online", key=attempt_key)  # before anything else can go wrong
+            else:
+                self.usage.journal_hits += 1
             self._record_outcome(None)
-            return Completion(call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, latency, False)
+            return Completion(call.key, reply.contents[0], value, reply.prompt_tokens, reply.completion_tokens, latency,
+                              entry is not None)
         return self.fail(stage, key, reason, content, detail)
+
+    def _journaled(self, attempt_key: str, seen: set[str]) -> JournalEntry | None:
+        """This attempt's reply if a run before paid for it. Each step of a chain is taken from the journal
+        once: a model that repeated itself would lead the walk round in a circle, so a step seen again is sent."""
+        if self.journal is None or attempt_key in seen or len(seen) >= MAX_CHAIN:
+            return None
+        return self.journal.get(attempt_key)
 
     # A reply cut by max_tokens is never a row of ours; a model under evaluation may set this False.
     length_is_failure = True
@@ -303,8 +343,8 @@ class Gateway:
 
     def from_journal(self, call: "Call") -> Completion | None:
         entry = self.journal.get(call.key) if self.journal is not None else None
-        if entry is None:
-            return None
+        if entry is None or entry.rejected is not None:
+            return None  # a rejected reply: `_ask` goes on from it
         try:
             value = call.accept(entry.content)
         except ValueError:
@@ -313,14 +353,16 @@ class Gateway:
         usage = entry.usage
         return Completion(call.key, entry.content, value, usage.prompt_tokens, usage.completion_tokens, entry.latency_s, True)
 
-    def record(self, call: "Call", reply, value, latency: float, source: str) -> None:
-        """Journal an accepted reply before it counts as done (never pay twice)."""
+    def record(self, call: "Call", reply, value, latency: float, source: str, key: str | None = None,
+               rejected: str | None = None) -> None:
+        """Journal a reply before it counts as done (never pay twice): an accepted one, or with `rejected`
+        (its reason) one that failed its checks, which a rerun takes up again rather than pay for."""
         if self.journal is None:
             return
         parsed = value.model_dump(mode="json") if isinstance(value, BaseModel) else None
         self.journal.put(
             JournalEntry(
-                key=call.key,
+                key=key or call.key,
                 model=call.model,
                 content=reply.contents[0],
                 finish_reason=reply.finish_reasons[0],
@@ -332,6 +374,7 @@ class Gateway:
                 },
                 latency_s=latency,
                 source=source,
+                rejected=rejected,
             )
         )
 
@@ -409,6 +452,7 @@ class Gateway:
                 self._count_error(exc, limiter)
                 limiter.release(reservation)
                 self.budget.settle(held, 0.0)
+                self._attempt_failed(exc.reason)
                 raise
             except BaseException:
                 limiter.release(reservation)
@@ -434,6 +478,30 @@ class Gateway:
         else:
             self.usage.errors[exc.reason] += 1
 
+    def _attempt_failed(self, reason: str) -> None:
+        """The early stop that always stops: whatever fails (429s without end, 5xx, bodies that do not parse,
+        replies that fail their checks) and however few calls are in flight, no accepted reply for `stall_s`
+        while attempts kept failing ends the run. Retries and repairs never reach the failure window then."""
+        now = time.monotonic()
+        if self._last_good is None:
+            self._last_good = now
+        self._since_good[reason] += 1
+        stalled = now - self._last_good
+        if stalled >= self.endpoint.stall_s and self._since_good.total() >= STALL_MIN_FAILURES:
+            self._stop(f"no reply was accepted in {stalled:.0f} s while {self._since_good.total()} attempts failed",
+                       self._since_good)
+
+    def _refused_again(self, exc: CallError) -> None:
+        """A request the server refuses (4xx, or a 5xx that says the request is invalid) the same way again and
+        again, with nothing accepted yet, is not a passing fault: stop with the server's own words."""
+        if exc.retryable or exc.status is None or self.usage.ok:
+            return
+        message = str(exc)
+        self._refusals[message] += 1
+        if self._refusals[message] >= REFUSED_AGAIN:
+            raise FatalEndpointError(f"{self.url} refuses the request ({self._refusals[message]} calls, nothing "
+                                     f"accepted): {message[:300]}")
+
     def _learn_output(self, model: str, completion_tokens: int) -> None:
         mean = self._mean_output.get(model)
         self._mean_output[model] = completion_tokens if mean is None else mean + 0.05 * (completion_tokens - mean)
@@ -441,7 +509,10 @@ class Gateway:
     # -- failures and the early stop -------------------------------------------------------------
     def fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False,
              endpoint_error: bool = False) -> None:
-        self.failures.append(Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000]))
+        failure = Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000])
+        if self.failure_log is not None:
+            self.failure_log.add(failure)
+        self.failures.append(failure)
         self.usage.failures[reason] += 1
         if unreachable and self.usage.ok == 0:
             raise EndpointUnreachable(
@@ -462,6 +533,7 @@ class Gateway:
             self._rejected[failure_reason] += 1
         self._outcomes += 1
         if failure_reason is None:
+            self._last_good, self._since_good = time.monotonic(), Counter()
             return  # only a failure trips the stop: a good reply still in flight when it trips reaches its caller
         window, rate = self._recent.maxlen, self.endpoint.max_failure_rate
         if endpoint_error and len(self._recent) == window:
@@ -524,12 +596,31 @@ def _short_error(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in exc.errors()[:8])
 
 
+def _repaired(call: Call, content: str, reason: str, detail: str) -> tuple[dict, str]:
+    """The body of the repair attempt after a rejected reply, and its own journal key."""
+    turns = _repair_turns(content, reason, detail)
+    digest = hashlib.blake2b(call.key.encode() + orjson.dumps(turns), digest_size=KEY_BYTES).hexdigest()
+    return {**call.body, "messages": [*call.body["messages"], *turns]}, digest
+
+
+def _reply_of(entry: JournalEntry) -> Reply:
+    contents = entry.content if isinstance(entry.content, list) else [entry.content]
+    reasons = entry.finish_reason if isinstance(entry.finish_reason, list) else [entry.finish_reason or ""]
+    usage = entry.usage
+    return Reply(contents, reasons, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+
+# The rejected reply sent back in a repair turn, at most: a whole max_tokens=4096 reply fits twice over,
+# a runaway one is not paid for again in full on every repair.
+REPAIR_ECHO_BYTES = 32 * 1024
+
+
 def _repair_turns(content: str, reason: str, detail: str) -> list[dict]:
     if reason == "length":
         ask = "That reply was cut off by the length limit. Answer again, complete and shorter."
     else:
         ask = f"That reply could not be used ({reason}: {detail}). Answer again, fixing exactly this."
-    return [{"role": "assistant", "content": content}, {"role": "user", "content": ask}]
+    return [{"role": "assistant", "content": clip_text(content, REPAIR_ECHO_BYTES)}, {"role": "user", "content": ask}]
 
 
 async def run_bounded(calls: Iterable[Awaitable[T]] | Iterable[Callable[[], Awaitable[T]]], limit: int) -> list[T]:

@@ -10,15 +10,24 @@ Layout under ``<data_dir>/journal/``::
     live/<writer>-<seq>.jsonl      appended by one writer (remote data dirs: under `live_dir`)
     segments/<writer>-<seq>.jsonl  a sealed live file, byte for byte; never written again
     segments/<writer>-<seq>.idx    sidecar: magic, then (key digest, offset u64, length u32) records
+    damaged/<writer>-<seq>.jsonl   a segment found damaged, moved aside with its sidecar; its good lines are still used
 
 A live file is named after the segment it becomes, so a reader that indexed part of it keeps its
 offsets when it is sealed, and sealing an orphan twice writes the same bytes again.
 Each live writer holds an exclusive `flock` on its live file; a live file nobody locks is an
 orphan of a killed writer, which `recover()` seals (cut to its last complete line).
+
+Each line ends with a CRC-32 of the line without it (`"crc32"`, the last field, so `key` stays first);
+lines written before checksums existed have none and are still read. Damage is found without reading
+segments at open: a sidecar that does not end where its segment does, or a line that `get` reads and finds
+cut, garbled or holding another key. Such a segment is named in one warning and moved to ``damaged/``;
+its lines that pass their checks are indexed there, at the same offsets, and only the lost calls are asked
+again. Temporary files of dead writers are removed at open.
 """
 from __future__ import annotations
 
 import binascii
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -30,6 +39,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +48,7 @@ from typing import Any, Literal
 import fsspec
 import orjson
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from facets.storage.store import local_cache
 
@@ -60,6 +70,10 @@ _IDX_REC = struct.Struct("<16sQI")
 _KEY_PREFIX = b'{"key":"'
 _KEY_END = len(_KEY_PREFIX) + 2 * KEY_BYTES
 _OFF_MASK, _LEN_MASK = (1 << 40) - 1, (1 << 32) - 1
+_SUM_FIELD = b',"crc32":"'
+_SUM_TAIL = len(_SUM_FIELD) + 8 + len(b'"}\n')  # the checksum field, closing brace and newline end each line
+_TEMP = re.compile(r"(.+)\.(idx|jsonl)\.[0-9a-f]{8}\.tmp")  # `Journal._write`'s temporary names
+STALE_TEMP_S = 60.0  # a temporary file older than this is not being written: a writer renames it within a second
 _WRITER_ID = re.compile(r"[A-Za-z0-9._]+(-[A-Za-z0-9._]+)*")
 
 
@@ -108,6 +122,8 @@ class JournalEntry(BaseModel):
     latency_s: float = 0.0
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     source: Literal["online", "batch"] = "online"
+    # a reply paid for but not accepted (its reason): a rerun goes on from it instead of paying for it again
+    rejected: str | None = None
 
 
 _ENTRY = TypeAdapter(JournalEntry)
@@ -160,6 +176,7 @@ class Journal:
         root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         self._seg_dir = f"{root}/journal/segments"
+        self._damaged_dir = f"{root}/journal/damaged"
         # off the data dir's disk, the live files stay on this machine, where a restarted worker finds them
         local = f"{root}/journal/live" if self._local else local_cache(self.fs.unstrip_protocol(root), "journal-live")
         self._live_dir = live_dir or local
@@ -173,12 +190,15 @@ class Journal:
         self._files: list[_File] = []
         self._sealed: set[str] = set()  # segment stems indexed
         self._others: dict[str, int] = {}  # live stem -> file id, other writers' live files
+        self._sizes: dict[str, int] = {}  # segment name -> size, from an object store's listing
+        self._reported: set[str] = set()  # files whose damage was reported
         self._live: _Live | None = None
         self._seq: int | None = None
         self._closed = False
         self._lock = threading.RLock()
         os.makedirs(self._live_dir, exist_ok=True)
         self.fs.makedirs(self._seg_dir, exist_ok=True)
+        self._remove_dead_temps()
         self.recover()
         self.refresh()
 
@@ -243,6 +263,33 @@ class Journal:
                 os.close(fd)
         return sealed
 
+    def _remove_dead_temps(self) -> None:
+        """Temporary files of `_write` whose writer is gone: older than a minute (a writer renames its own
+        at once), or of a live file nobody holds (a killed writer's, which `recover()` seals again)."""
+        if not self._local:
+            return  # an object store gets one PUT per file: no temporary files
+        now = time.time()
+        for name in os.listdir(self._seg_dir):
+            match = _TEMP.fullmatch(name)
+            if match is None:
+                continue
+            path = f"{self._seg_dir}/{name}"
+            try:
+                stale = now - os.stat(path).st_mtime > STALE_TEMP_S
+            except FileNotFoundError:  # renamed meanwhile by its writer
+                continue
+            if stale or self._orphaned(match[1]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                log.info("removed %s, a temporary file of a writer that is gone", path)
+
+    def _orphaned(self, stem: str) -> bool:
+        """Whether the live file `stem` is here and nobody holds its lock."""
+        fd = _lock_orphan(f"{self._live_dir}/{stem}.jsonl")
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
+
     def _open_live(self) -> _Live:
         if self._closed:
             raise JournalError("journal is closed")
@@ -264,7 +311,8 @@ class Journal:
         return self._live
 
     def _last_seq(self) -> int:
-        names = os.listdir(self._live_dir) + self._list_segments()
+        # a stem moved aside stays taken: a reader that indexed it would pass over a new segment of that name
+        names = os.listdir(self._live_dir) + self._list(self._seg_dir) + self._list(self._damaged_dir)
         seqs = [0]
         for stem in _stems(names, ".jsonl"):
             writer, _, seq = stem.rpartition("-")
@@ -302,36 +350,126 @@ class Journal:
             self.fs.pipe_file(path, data)
             return
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: leave no half file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     # -- reading -------------------------------------------------------------------------------
 
     def get(self, key: str) -> JournalEntry | None:
+        """The entry of `key`, or None: never journaled, or its line is damaged (then it is reported, never
+        used, and the call is asked again)."""
+        digest = bytes.fromhex(key)
         with self._lock:
             if self._closed:
                 raise JournalError("journal is closed")
-            ptr = self._index.get(bytes.fromhex(key))
-            if ptr is None:
-                return None
-            try:
-                raw = self._read_at(ptr)
-            except FileNotFoundError:  # another writer sealed that live file since our refresh
-                self.refresh()
-                raw = self._read_at(self._index[bytes.fromhex(key)])
-        entry = JournalEntry.model_validate_json(raw)
-        if entry.key != key:
-            raise JournalError(f"index points at {entry.key} for {key}: journal files were changed")
-        return entry
+            for _ in range(2):  # once more after a damaged segment was indexed again from its good lines
+                ptr = self._index.get(digest)
+                if ptr is None:
+                    return None
+                entry, problem = _entry_of(self._read_line(ptr), key)
+                if problem is None:
+                    return entry
+                self._damaged_line(digest, ptr, problem)
+            return None
+
+    def _read_line(self, ptr: int) -> bytes | None:
+        """The bytes `ptr` points at, following its file if it moved since our refresh; None if it is gone."""
+        try:
+            return self._read_at(ptr)
+        except FileNotFoundError:  # another writer sealed that live file: a refresh points its id at the segment
+            self.refresh()
+        try:
+            return self._read_at(ptr)
+        except FileNotFoundError:  # a segment another reader moved aside, same bytes
+            self._follow_to_damaged(ptr >> 72)
+        try:
+            return self._read_at(ptr)
+        except FileNotFoundError:
+            return None
+
+    def _follow_to_damaged(self, fid: int) -> None:
+        f = self._files[fid]
+        if f.path.startswith(f"{self._seg_dir}/"):
+            f.path = f"{self._damaged_dir}/{f.path.rsplit('/', 1)[-1]}"
+
+    def _damaged_line(self, digest: bytes, ptr: int, problem: str) -> None:
+        """A line `get` cannot use leaves the index; a segment holding one is moved aside (`_quarantine`)."""
+        if self._index.get(digest) == ptr:
+            del self._index[digest]
+        fid = ptr >> 72
+        path, where = self._files[fid].path, f"{problem} at byte {(ptr >> 32) & _OFF_MASK}"
+        if path.startswith(f"{self._seg_dir}/"):
+            self._quarantine(fid, where)
+        elif path not in self._reported:  # a live file (its writer owns it) or a segment moved aside already
+            self._reported.add(path)
+            log.warning("journal file %s: %s; that call is asked again", path, where)
+        else:
+            log.info("journal file %s: %s; that call is asked again", path, where)
+
+    def _quarantine(self, fid: int, problem: str) -> None:
+        """Move a damaged segment and its sidecar to damaged/ (never delete them), say so in one line, and
+        index the lines of it that pass every check where they now are: only the lost calls are asked again."""
+        f = self._files[fid]
+        segment = f.path
+        target = f"{self._damaged_dir}/{segment.rsplit('/', 1)[-1]}"
+        moved = self._move(segment, target)
+        self._move(f"{segment[:-6]}.idx", f"{target[:-6]}.idx")
+        f.path = target
+        good, bad = self._index_verified(fid)
+        self._reported.add(target)
+        if moved:
+            log.warning("journal segment %s is damaged (%s): moved to %s; its %d good entries are used from there, "
+                        "%d damaged ones are asked again", segment, problem, target, good, bad)
+
+    def _move(self, source: str, target: str) -> bool:
+        """False when `source` is not there (another reader moved it first)."""
+        try:
+            self.fs.makedirs(self._damaged_dir, exist_ok=True)
+            if self._local:
+                os.rename(source, target)
+            else:
+                self.fs.mv(source, target)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _index_verified(self, fid: int) -> tuple[int, int]:
+        """Index the lines of a damaged file that pass every check `get` makes, in place of what its sidecar
+        said, and drop its other keys; returns (good lines, damaged lines). Reads the whole file: only damaged
+        files are read so."""
+        try:
+            data = self._read(self._files[fid], 0, None)
+        except FileNotFoundError:
+            data = b""
+        index, kept, bad = self._index, set(), 0
+        for start, end in _line_spans(data):
+            key = _checked_key(data[start:end])
+            if key is None:
+                bad += 1
+            elif key not in kept:  # the first line of a key wins, as in `put`
+                kept.add(key)
+                ptr = index.get(key)
+                if ptr is None or ptr >> 72 == fid:
+                    index[key] = _pack(fid, start, end - start)
+        for key in [k for k, ptr in index.items() if ptr >> 72 == fid and k not in kept]:
+            del index[key]  # a pass over the index, once per damaged file
+        return len(kept), bad
 
     def refresh(self) -> None:
-        """Index what other writers added since the last call: new live lines, new segments."""
+        """Index what other writers added since the last call: new live lines, new segments, and the good
+        lines of segments moved aside."""
         with self._lock:
             self._scan_live()
             self._scan_segments()
+            self._scan_damaged()
 
     def _scan_live(self) -> None:
         own = self._live.stem if self._live else None
@@ -344,38 +482,69 @@ class Journal:
             self._index_tail(fid)
 
     def _scan_segments(self) -> None:
-        names = self._list_segments()
+        names = self._list(self._seg_dir)
         with_idx = set(_stems(names, ".idx"))
         new = [stem for stem in sorted(_stems(names, ".jsonl")) if stem not in self._sealed and not self._skip(stem)]
         sidecars = self._fetch([f"{stem}.idx" for stem in new if stem in with_idx and stem not in self._others])
         for stem in new:
-            self._sealed.add(stem)
             path = f"{self._seg_dir}/{stem}.jsonl"
             fid = self._others.pop(stem, None)
             if fid is not None:  # a live file we read in part: same bytes, so offsets still hold
+                self._sealed.add(stem)
                 self._files[fid].path, self._files[fid].local = path, self._local
                 self._index_tail(fid)
-            elif not self._load_idx(path, sidecars.get(f"{stem}.idx", b"")):
-                self._index_tail(self._add_file(path, self._local))
+                continue
+            size = self._segment_size(stem)
+            if size is None:  # moved aside since the listing: `_scan_damaged` finds it
+                continue
+            self._sealed.add(stem)
+            fid = self._add_file(path, self._local)
+            sidecar = sidecars.get(f"{stem}.idx")
+            problem = None if sidecar is None else _idx_problem(sidecar, size)
+            if sidecar is None:  # none yet (written first, so a listing race) or gone: read the lines
+                self._index_tail(fid)
+            elif problem is None:
+                self._load_idx(fid, sidecar)
+            else:
+                self._quarantine(fid, problem)
+
+    def _scan_damaged(self) -> None:
+        """Index the good lines of the segments moved aside (by any reader) that this one has not indexed."""
+        for stem in sorted(_stems(self._list(self._damaged_dir), ".jsonl")):
+            if stem in self._sealed or self._skip(stem):
+                continue
+            self._sealed.add(stem)
+            path = f"{self._damaged_dir}/{stem}.jsonl"
+            fid = self._others.pop(stem, None)  # a live file we read in part, sealed and then moved aside
+            if fid is None:
+                fid = self._add_file(path, self._local)
+            self._files[fid].path, self._files[fid].local = path, self._local
+            self._reported.add(path)
+            self._index_verified(fid)
 
     def _fetch(self, names: list[str]) -> dict[str, bytes]:
-        """Whole files of the segment folder by name; an object store fetches them concurrently."""
+        """Whole files of the segment folder by name (those still there); an object store fetches them concurrently."""
         if not names:
             return {}
         if self._local:
-            return {name: _read_file(f"{self._seg_dir}/{name}") for name in names}
+            found = {name: _read_file(f"{self._seg_dir}/{name}") for name in names}
+            return {name: data for name, data in found.items() if data is not None}
         found = self.fs.cat([f"{self._seg_dir}/{name}" for name in names], on_error="omit")
         return {path.rsplit("/", 1)[-1]: data for path, data in found.items()}
 
-    def _load_idx(self, path: str, data: bytes) -> bool:
-        body = memoryview(data)[len(_IDX_MAGIC):]
-        if not data.startswith(_IDX_MAGIC) or len(body) % _IDX_REC.size:
-            return False
-        base, index = self._add_file(path, self._local) << 72, self._index
-        for key, offset, length in _IDX_REC.iter_unpack(body):
+    def _load_idx(self, fid: int, data: bytes) -> None:
+        base, index = fid << 72, self._index
+        for key, offset, length in _IDX_REC.iter_unpack(memoryview(data)[len(_IDX_MAGIC):]):
             if key not in index:
                 index[key] = base | (offset << 32) | length  # `_pack`, inlined: 460k iterations
-        return True
+
+    def _segment_size(self, stem: str) -> int | None:
+        if not self._local:
+            return self._sizes.get(f"{stem}.jsonl")  # from the listing
+        try:
+            return os.stat(f"{self._seg_dir}/{stem}.jsonl").st_size
+        except FileNotFoundError:
+            return None
 
     def _index_tail(self, fid: int) -> None:
         """Index the complete lines past `consumed`; a half-written last line waits."""
@@ -409,15 +578,21 @@ class Journal:
         finally:
             os.close(fd)
 
-    def _list_segments(self) -> list[str]:
+    def _list(self, directory: str) -> list[str]:
+        """Names in a journal folder ([] if none); an object store's listing also gives the sizes (`_sizes`)."""
         if self._local:
-            return os.listdir(self._seg_dir)
-        self.fs.invalidate_cache(self._seg_dir)  # object-store listings are cached otherwise
+            try:
+                return os.listdir(directory)
+            except FileNotFoundError:
+                return []
+        self.fs.invalidate_cache(directory)  # object-store listings are cached otherwise
         try:
-            paths = self.fs.ls(self._seg_dir, detail=False)
+            found = self.fs.ls(directory, detail=True)
         except FileNotFoundError:  # object stores have no empty folders
             return []
-        return [p.rsplit("/", 1)[-1] for p in paths]
+        names = [info["name"].rsplit("/", 1)[-1] for info in found]
+        self._sizes.update((name, info["size"]) for name, info in zip(names, found) if name.endswith(".jsonl"))
+        return names
 
     def _add_file(self, path: str, local: bool) -> int:
         self._files.append(_File(path, local))
@@ -440,11 +615,76 @@ class Journal:
 
 def _line(entry: JournalEntry) -> bytes:
     """One journal line: the entry's fields in order (so `key` comes first), as pydantic would write
-    them, by orjson at a third of the cost. A `parsed` value that is not plain JSON goes through pydantic."""
+    them, by orjson at a third of the cost, then their checksum. A `parsed` value that is not plain JSON
+    goes through pydantic."""
     try:
-        return orjson.dumps(entry.__dict__, default=_plain, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE)
+        body = orjson.dumps(entry.__dict__, default=_plain, option=orjson.OPT_UTC_Z)
     except TypeError:
-        return _ENTRY.dump_json(entry) + b"\n"
+        body = _ENTRY.dump_json(entry)
+    return b'%s%s%08x"}\n' % (body[:-1], _SUM_FIELD, zlib.crc32(body))
+
+
+def _line_problem(line: bytes) -> str | None:
+    """Why a line read back is not one that was written: cut short, or failing its checksum (the CRC-32 of
+    the line without its checksum field). A line without one, written before checksums, passes."""
+    if not line.endswith(b"\n"):
+        return "a line cut short"
+    tail = len(line) - _SUM_TAIL
+    if tail > 0 and line.startswith(_SUM_FIELD, tail):
+        crc = zlib.crc32(b"}", zlib.crc32(memoryview(line)[:tail]))
+        if line[tail + len(_SUM_FIELD) : -3] != b"%08x" % crc:
+            return "a line that fails its checksum"
+    return None
+
+
+def _entry_of(line: bytes | None, key: str) -> tuple[JournalEntry | None, str | None]:
+    """The entry a line read for `key` holds, or why it cannot be used."""
+    if line is None:
+        return None, "its file is gone"
+    problem = _line_problem(line)
+    if problem is not None:
+        return None, problem
+    try:
+        entry = JournalEntry.model_validate_json(line)
+    except ValidationError:
+        return None, "a line that does not parse"
+    if entry.key != key:
+        return None, f"the line of {key} holds {entry.key}"
+    return entry, None
+
+
+def _checked_key(line: bytes) -> bytes | None:
+    """The key digest of a line that passes every check `get` makes, else None."""
+    if _line_problem(line) is not None:
+        return None
+    try:
+        return bytes.fromhex(JournalEntry.model_validate_json(line).key)
+    except ValidationError:
+        return None
+
+
+def _line_spans(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each line, a last one without its newline included."""
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos) + 1 or len(data)
+        yield pos, end
+        pos = end
+
+
+def _idx_problem(data: bytes, size: int) -> str | None:
+    """Why a sidecar does not describe a segment of `size` bytes: its records end where the segment does
+    (a segment holds exactly the lines its writer indexed), so a cut, emptied or grown segment shows here."""
+    records = len(data) - len(_IDX_MAGIC)
+    if not data.startswith(_IDX_MAGIC) or records % _IDX_REC.size:
+        return "its sidecar index is not one"
+    end = 0
+    if records:
+        _, offset, length = _IDX_REC.unpack_from(data, len(data) - _IDX_REC.size)
+        end = offset + length
+    if end != size:
+        return f"its sidecar index ends at byte {end}, the segment at byte {size}"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -457,12 +697,12 @@ def _pack(fid: int, offset: int, length: int) -> int:
     return (fid << 72) | (offset << 32) | length
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        return b""
+        return None
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import math
 import queue
 import random
@@ -26,7 +27,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import orjson
 from aiohttp import web
@@ -57,6 +58,11 @@ URL_RE = re.compile(LISTENING + r" (\S+)")
 MAX_N = 128
 BATCH_YIELD_EVERY = 256  # lines processed between yields to the event loop
 MAX_UPLOAD = 256 * 1024 * 1024
+SCHEMA_IN_PROMPT = re.compile(r"JSON schema:\s*", re.IGNORECASE)  # "... matching this JSON schema: {...}"
+# llama-cpp-python's answer to a response format other than text or json_object: pydantic's words, HTTP 500
+LLAMA_CPP_PYTHON_REFUSAL = ("1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input "
+                            "should be 'text' or 'json_object' [type=literal_error, input_value={kind!r}, "
+                            "input_type=str]")
 
 
 class SimulatorConfig(BaseModel):
@@ -78,6 +84,14 @@ class SimulatorConfig(BaseModel):
     hang_s: float = Field(600.0, ge=0, description="how long a hang fault holds the connection before dropping it")
     seed: int = Field(0, description="seed for content and for the fault stream")
     api_key: str | None = Field(None, description="when set, any other bearer token gets 401")
+    structured_output: Literal["any", "json_schema", "json_object", "guided_json", "prompt"] = Field(
+        "any", description="the one way of asking for JSON served, the others answered as real servers do: "
+                           "json_schema (OpenAI), json_object with a schema (llama-cpp-python: a json_schema "
+                           "gets HTTP 500), guided_json (vLLM's extra field), prompt (formats ignored, JSON in a "
+                           "```json fence when the prompt gives the schema); any serves them all")
+    no_usage: bool = Field(False, description="replies carry no usage, as some local servers")
+    no_rate_headers: bool = Field(False, description="replies carry no x-ratelimit-* headers")
+    null_finish_reason: bool = Field(False, description="every reply's finish_reason is null")
     models: tuple[str, ...] = Field((), description="accepted models, a,b,...; empty accepts any")
     response_tokens: int = Field(200, ge=1, description="mean length of prose replies, in tokens")
     batch_delay_s: float = Field(1.0, ge=0, description="time a batch spends in_progress")
@@ -120,6 +134,9 @@ class SimulatorConfig(BaseModel):
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
             if value == field.get_default(call_default_factory=True):
+                continue
+            if isinstance(value, bool):  # a switch: its flag alone
+                args.append("--" + name.replace("_", "-"))
                 continue
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
@@ -320,17 +337,59 @@ def prompt_tokens(messages: list[dict]) -> int:
     return sum(count_tokens(message_text(m)) for m in messages)
 
 
-def reply_mode(body: dict) -> tuple[str, dict | None]:
-    """("schema", schema), ("object", None) or ("prose", None) from response_format."""
-    fmt = body.get("response_format") or {}
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "json_schema":
+def _format_kind(body: dict) -> str | None:
+    fmt = body.get("response_format")
+    return fmt.get("type") if isinstance(fmt, dict) else None
+
+
+def reply_mode(body: dict, serves: str = "any") -> tuple[str, dict | None]:
+    """("schema", schema), ("object", None), ("fenced", schema) or ("prose", None): how a server that
+    serves one structured-output dialect (`any`: all of them) answers `body`; what it does not take it
+    ignores (the refusals are `refused_dialect`'s)."""
+    fmt, kind = body.get("response_format") or {}, _format_kind(body)
+    if kind == "json_schema" and serves in ("any", "json_schema"):
         schema = (fmt.get("json_schema") or {}).get("schema")
         return ("schema", schema) if isinstance(schema, dict) else ("object", None)
-    return ("object", None) if kind == "json_object" else ("prose", None)
+    if kind == "json_object" and serves in ("any", "json_schema", "json_object"):
+        schema = fmt.get("schema") if serves != "json_schema" else None  # OpenAI's json_object has no schema
+        return ("schema", schema) if isinstance(schema, dict) else ("object", None)
+    if isinstance(body.get("guided_json"), dict) and serves in ("any", "guided_json"):
+        return "schema", body["guided_json"]
+    if serves in ("any", "prompt") and (schema := schema_in_prompt(body.get("messages") or [])) is not None:
+        return "fenced", schema
+    return "prose", None
 
 
-def invalid_request(body: Any, models: tuple[str, ...]) -> tuple[int, str, str, str | None, str | None] | None:
+def schema_in_prompt(messages: list[dict]) -> dict | None:
+    """The JSON schema a prompt gives ("... this JSON schema: {...}"), the last one said."""
+    decoder = json.JSONDecoder()
+    for message in reversed(messages):
+        text = message_text(message)
+        for match in reversed(list(SCHEMA_IN_PROMPT.finditer(text))):
+            try:
+                schema, _ = decoder.raw_decode(text, match.end())
+            except ValueError:
+                continue
+            if isinstance(schema, dict):
+                return schema
+    return None
+
+
+def refused_dialect(body: dict, serves: str) -> tuple[int, str, str, str | None, str | None] | None:
+    """How a server that serves one dialect refuses a request in another, as the real ones do."""
+    kind = _format_kind(body)
+    if serves == "json_object" and kind not in (None, "text", "json_object"):
+        return 500, LLAMA_CPP_PYTHON_REFUSAL.format(kind=kind), "internal_server_error", None, None
+    if serves == "json_schema" and "guided_json" in body:
+        return 400, "Unrecognized request argument supplied: guided_json", "invalid_request_error", None, None
+    if serves == "guided_json" and kind not in (None, "text"):
+        return (400, f"response_format of type {kind!r} is not supported; use guided_json", "BadRequestError",
+                None, "response_format")
+    return None
+
+
+def invalid_request(body: Any, models: tuple[str, ...],
+                    serves: str = "any") -> tuple[int, str, str, str | None, str | None] | None:
     """(status, message, type, code, param) when a chat body would be refused, else None."""
     if not isinstance(body, dict):
         return 400, "The request body must be a JSON object.", "invalid_request_error", None, None
@@ -345,6 +404,8 @@ def invalid_request(body: Any, models: tuple[str, ...]) -> tuple[int, str, str, 
         return 400, f"'n' must be an integer from 1 to {MAX_N}.", "invalid_request_error", None, "n"
     if body.get("stream"):
         return 400, "The simulator does not stream.", "invalid_request_error", None, "stream"
+    if refused := refused_dialect(body, serves):
+        return refused
     if models and model not in models:
         return (404, f"The model `{model}` does not exist or you do not have access to it.",
                 "invalid_request_error", "model_not_found", None)
@@ -355,7 +416,7 @@ def completion(body: dict, digest: bytes, fault: str | None, prompt: int,
                config: SimulatorConfig, reply_id: str) -> tuple[dict, int]:
     """The chat.completion object for `body` and its completion token count."""
     rng = random.Random(digest + b"/" + str(config.seed).encode())
-    mode, schema = reply_mode(body)
+    mode, schema = reply_mode(body, config.structured_output)
     asked = _last_user_text(body["messages"]) if mode == "prose" else ""
     graded = JUDGE_MARK in asked  # a judge prompt: feedback, then the score line it asks for
     phrases = [] if graded else quoted_phrases(asked)
@@ -405,6 +466,9 @@ def _content(rng: random.Random, mode: str, schema: dict | None, phrases: list[s
             return off_spec_prose(rng, target)
         text = prose(rng, target, phrases, one_paragraph)
         return orjson.dumps({"response": text}).decode() if fault == "invalid_json" else text
+    if mode == "fenced":  # a model told the schema in words: the JSON in a fence, a word around it
+        instance = _content(rng, "schema", schema, phrases, fault, mean_tokens)
+        return f"Here is the JSON object:\n\n```json\n{instance}\n```"
     if mode == "schema":
         instance = schema_instance(schema, rng, dull=fault == "off_spec")
         if fault == "invalid_json":
@@ -574,6 +638,18 @@ class Simulator:
         except asyncio.TimeoutError:
             pass
 
+    def rate_headers(self) -> dict[str, str]:
+        return {} if self.config.no_rate_headers else self.limiter.headers()
+
+    def bare(self, payload: dict) -> dict:
+        """A reply as a server without usage or finish reasons sends it, when so configured."""
+        if self.config.no_usage:
+            payload.pop("usage", None)
+        if self.config.null_finish_reason:
+            for choice in payload["choices"]:
+                choice["finish_reason"] = None
+        return payload
+
     def reply_id(self, prefix: str) -> str:
         return f"{prefix}{next(self.serial):08x}{uuid.uuid4().hex[:16]}"
 
@@ -589,7 +665,7 @@ class Simulator:
         payload, tokens = completion(body, digest, fault, prompt, self.config, self.reply_id("chatcmpl-"))
         self.limiter.charge_output(tokens)
         self.stats.paid(digest, prompt, tokens, fault, batch=False)
-        return json_response(payload, headers={**self.limiter.headers(), "x-request-id": request_id})
+        return json_response(self.bare(payload), headers={**self.rate_headers(), "x-request-id": request_id})
 
     async def text_completion(self, request: web.Request) -> web.StreamResponse:
         """`/v1/completions` (raw-prompt servers such as vLLM): the prompt is answered as one user turn."""
@@ -604,7 +680,8 @@ class Simulator:
                                "logprobs": None} for c in payload["choices"]]
         self.limiter.charge_output(tokens)
         self.stats.paid(digest, prompt, tokens, fault, batch=False)
-        return json_response(payload, headers={**self.limiter.headers(), "x-request-id": self.reply_id("req_")})
+        headers = {**self.rate_headers(), "x-request-id": self.reply_id("req_")}
+        return json_response(self.bare(payload), headers=headers)
 
     async def admit_chat(self, request: web.Request, as_chat) -> web.StreamResponse | tuple[dict, dict, str | None, int]:
         """What every online request goes through before it is answered: auth, a valid body, the rate
@@ -621,7 +698,7 @@ class Simulator:
         chat_body = as_chat(body)
         if isinstance(chat_body, tuple):
             return self.error(*chat_body)
-        if problem := invalid_request(chat_body, self.config.models):
+        if problem := invalid_request(chat_body, self.config.models, self.config.structured_output):
             return self.error(*problem)
         prompt = prompt_tokens(chat_body["messages"])
         if refused := self.limiter.admit(prompt):
@@ -641,17 +718,17 @@ class Simulator:
         ms = max(1, math.ceil(wait_s * 1000))
         message = (f"Rate limit reached for {model} on {words}: Limit {getattr(self.config, field)}. "
                    f"Please try again in {format_duration(ms / 1000)}.")
-        headers = {**self.limiter.headers(), "retry-after": _seconds_text(ms), "retry-after-ms": str(ms)}
+        headers = {**self.rate_headers(), "retry-after": _seconds_text(ms), "retry-after-ms": str(ms)}
         return self.error(429, message, type_, "rate_limit_exceeded", headers=headers)
 
     async def transport_fault(self, request: web.Request, fault: str) -> web.StreamResponse:
         self.stats.fault(fault, batch=False)
         if fault == "http_500":
             return self.error(500, "The server had an error while processing your request.", "server_error",
-                              headers=self.limiter.headers())
+                              headers=self.rate_headers())
         if fault == "http_503":
             return self.error(503, "The server is overloaded or not ready yet.", "server_error",
-                              headers=self.limiter.headers())
+                              headers=self.rate_headers())
         if fault == "hang":
             await self.sleep(self.config.hang_s)
         if request.transport is not None:
@@ -826,7 +903,7 @@ class Simulator:
         """One output or error record, with (prompt, completion) tokens when it was answered."""
         self.stats.batch["lines"] += 1
         body, request_id = line["body"], self.reply_id("req_")
-        if problem := invalid_request(body, self.config.models):
+        if problem := invalid_request(body, self.config.models, self.config.structured_output):
             return self.batch_failure(line, request_id, *problem[:4]), None
         fault = self.draw_fault()
         if fault in TRANSPORT_FAULTS:

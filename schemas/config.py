@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# 2 MiB: a 4096-token reply is about 16 KiB of text, a hundred times over even with n > 1 and JSON escapes
+DEFAULT_MAX_REPLY_BYTES = 2 * 1024 * 1024
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # an error names the field and the rule, never the value: a refused base_url holds a password
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class Sampling(Config):
@@ -50,6 +54,21 @@ class Retries(Config):
     backoff_max_s: float = Field(60.0, gt=0)
 
 
+def config_error(exc: Exception) -> str:
+    """A refused config in one line: each error's field and message (no values, see `Config`)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(("{}: ".format(".".join(map(str, e["loc"]))) if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+
+
+def refuse_credentials(url: str | None, name: str) -> None:
+    """A URL with user:password@ would land, password included, in flow-run parameters and logs."""
+    if url and "@" in url and urlsplit(url).username is not None:
+        raise ValueError(f"{name} must not carry credentials (user:password@host): give the key in "
+                         "OPENAI_API_KEY (or api_key) and the URL without them")
+
+
 class EndpointConfig(Config):
     """Where calls go. Key and URL default to the openai client's own variables."""
 
@@ -59,17 +78,37 @@ class EndpointConfig(Config):
     limits: RateLimits = Field(default_factory=RateLimits)
     retries: Retries = Field(default_factory=Retries)
     transport: Literal["lean", "openai"] = "lean"
+    structured_output: Literal["auto", "json_schema", "json_object", "guided_json", "prompt"] = Field(
+        "auto", description="how structured calls ask for JSON: a strict json_schema response format (OpenAI, "
+                            "vLLM, Ollama, llama.cpp's server), json_object with a schema (llama-cpp-python), "
+                            "vLLM's guided_json, or the schema in the prompt; auto: the first of these that a "
+                            "tiny probe call shows the endpoint answers, before any paid work")
     max_cost: float | None = Field(None, gt=0, description="hard spend cap in USD, checked before each call")
     prices: dict[str, tuple[float, float, float]] = Field(
         default_factory=dict, description="model -> (input, cached input, output) USD per 1M tokens"
     )
     max_failure_rate: float = Field(0.5, gt=0, le=1, description="early stop above this share of failed calls")
     failure_window: int = Field(50, ge=5, description="calls looked at for the early stop")
+    stall_s: float = Field(120.0, gt=0, description="early stop when no reply was accepted for this long while "
+                                                     "attempts kept failing (429s without end, 5xx, bad bodies)")
+    max_reply_bytes: int = Field(
+        DEFAULT_MAX_REPLY_BYTES, ge=64 * 1024,
+        description="a reply body larger than this is not read further and fails that call (reply_too_large)")
+    context_window: int | None = Field(
+        None, gt=0, description="tokens of prompt plus max_tokens the models take; unset: known from the model id "
+                                "for common models, else not checked")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        refuse_credentials(value, "base_url")
+        return value
 
     @model_validator(mode="after")
     def _from_environment(self) -> "EndpointConfig":
         if self.base_url is None:
             self.base_url = os.environ.get("OPENAI_BASE_URL") or None
+            refuse_credentials(self.base_url, "OPENAI_BASE_URL")
         if self.api_key is None and os.environ.get("OPENAI_API_KEY"):
             self.api_key = SecretStr(os.environ["OPENAI_API_KEY"])
         return self
@@ -147,6 +186,10 @@ class BuildConfig(Config):
     mode: Literal["online", "batch"] = "online"
     batch_poll_s: float = Field(30.0, gt=0, description="first wait before polling a batch; it grows from there")
     data_dir: str = "data"
+    wait_for_lock: bool = Field(False, description="another build holds the data dir: wait for it to end "
+                                                   "(unset: stop at once, naming it)")
+    lock_wait_s: float | None = Field(None, gt=0, description="with wait_for_lock, give up after this long; "
+                                                               "unset: wait as long as it takes")
     templates_dir: str | None = Field(None, description="a directory whose <stage>.txt files replace the bundled prompts")
     test_fraction: float = Field(0.005, ge=0, lt=1, description="share of pairs in the RM test split")
     publish: bool = True

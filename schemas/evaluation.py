@@ -23,6 +23,7 @@ from facets.schemas.config import (
     Sampling,
     StageSettings,
     _default_stages,
+    refuse_credentials,
 )
 from facets.schemas.records import Dimension, StageRecord
 from facets.schemas.release import ScoreDescriptions
@@ -173,6 +174,12 @@ class ModelSpec(Config):
     limits: RateLimits = Field(default_factory=RateLimits)
     retries: Retries = Field(default_factory=Retries)
     batch_size: int = Field(8, gt=0, description="local generation: prompts per forward batch")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        refuse_credentials(value, "base_url")
+        return value
 
     @model_validator(mode="after")
     def _one_place(self) -> "ModelSpec":

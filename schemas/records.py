@@ -157,8 +157,26 @@ class Pair(StageRecord):
         return self
 
 
+RAW_OUTPUT_MAX_BYTES = 64 * 1024
+
+
+def clip_text(text: str, max_bytes: int) -> str:
+    """`text` when its UTF-8 fits `max_bytes`; else its head, cut on a character boundary, and a marker
+    saying how many characters were left out (the whole is within `max_bytes`)."""
+    if len(text) * 4 <= max_bytes:  # no UTF-8 character is longer than 4 bytes
+        return text
+    head = text[:max_bytes].encode("utf-8", "surrogatepass")
+    if len(head) <= max_bytes and len(text) <= max_bytes:
+        return text
+    marker = "\n[... {:,} more characters cut ...]"
+    room = max_bytes - len(marker.format(len(text)).encode())
+    kept = head[:room].decode("utf-8", "ignore")
+    return kept + marker.format(len(text) - len(kept))
+
+
 class Failure(Record):
-    """A row that could not be produced, kept with its reason and the last raw output, byte for byte."""
+    """A row that could not be produced, kept with its reason and the last raw output: byte for byte up to
+    RAW_OUTPUT_MAX_BYTES, then its head and a marker (a runaway reply must not fill the failures table)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
@@ -170,3 +188,8 @@ class Failure(Record):
     source: str = ""
     row: int = -1
     created_at: datetime = Field(default_factory=_utcnow)
+
+    @field_validator("raw_output")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        return clip_text(value, RAW_OUTPUT_MAX_BYTES)

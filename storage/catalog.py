@@ -48,7 +48,7 @@ class Catalog:
     def refresh(self) -> None:
         """(Re)create the views, picking up files written since the connection opened."""
         for table, model in TABLE_MODELS.items():
-            self._view(table, self.store.files(table), arrow_schema(model))
+            self._view(table, self.store.whole(self.store.files(table)), arrow_schema(model))  # cut files moved aside
         for version, name, files in self.release_tables():
             self._view(f"release_{_ident(name)}", files, None)
             self._view(f"release_{_ident(version)}_{_ident(name)}", files, None)

@@ -3,16 +3,23 @@
 Layout (DESIGN.md): stages/<stage>/*.parquet, failures/*.parquet, releases/<version>/<name>/*.parquet.
 The root is a local path or an fsspec URI. A file is never appended to in place (decision 5): a local
 write goes to a hidden temporary name and is renamed; an object store gets one PUT per file.
+
+A file that cannot be read (cut, emptied, garbled on disk) is moved to damaged/<the same path>, never
+deleted, and named in one warning; its rows are then missing, so a build makes them again (from the
+journal when they were paid for). A read that fails looks for such files; a local listing taken with
+`whole` finds cut ones at the cost of reading each file's last 8 bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import itertools
+import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import fsspec
 import polars as pl
@@ -26,6 +33,11 @@ from facets.schemas import arrow_schema, to_table
 from facets.storage.stages import FAILURES, model_of
 
 PARQUET_OPTIONS = {"compression": "zstd"}
+DAMAGED = "damaged"
+# what reading a damaged file raises: ArrowInvalid (no footer, bad metadata), OSError (corrupt pages)
+READ_ERRORS = (pa.ArrowException, OSError)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 # Object stores: no cached listings. Other workers add files at any time, and a cached listing (s3fs
 # keeps one per folder) would hide them: a stage would be computed twice, a release seen as missing.
 REMOTE_OPTIONS = {"use_listings_cache": False}
@@ -151,27 +163,104 @@ class Store:
     def read(self, table: str, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
         """A whole stage as one Arrow table (empty, with the stage's schema, when nothing is written)."""
         schema = arrow_schema(model_of(table))
-        files = self.files(table)
-        if not files:
-            empty = schema.empty_table()
-            return empty.select(columns) if columns else empty
-        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
-        return dataset.to_table(columns=columns, filter=filter)
+
+        def read(files: list[str]) -> pa.Table:
+            if not files:
+                empty = schema.empty_table()
+                return empty.select(columns) if columns else empty
+            dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
+            return dataset.to_table(columns=columns, filter=filter)
+
+        return self.read_files(self.files(table), read)
+
+    def read_files(self, files: list[str], read: Callable[[list[str]], T]) -> T:
+        """`read(files)`; should it fail, the files that `read` cannot read alone are moved aside
+        (`move_aside`) and it reads the others. A sound read costs nothing more."""
+        try:
+            return read(files)
+        except READ_ERRORS:
+            readable = [f for f in files if self._readable(f, read)]
+            if len(readable) == len(files):
+                raise  # not a damaged file
+        return read(readable)
+
+    def _readable(self, path: str, read: Callable[[list[str]], object]) -> bool:
+        try:
+            read([path])
+        except FileNotFoundError:  # moved aside by another reader since the listing
+            return False
+        except READ_ERRORS as exc:
+            if not self.is_local and not isinstance(exc, pa.ArrowInvalid):
+                raise  # an object store's I/O error may pass: only bytes that do not decode move a file
+            self.move_aside(path, _one_line(exc))
+            return False
+        return True
+
+    def whole(self, files: list[str]) -> list[str]:
+        """`files` less those cut or emptied, which are moved aside: a Parquet file ends in its footer's
+        length and `PAR1`. Locally that is one 8-byte read a file; an object store's files are written
+        in one PUT and checked when a read fails."""
+        if not self.is_local:
+            return files
+        return [f for f in files if self._has_footer(f)]
+
+    def _has_footer(self, path: str) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 8, size - 8) if size >= 12 else b""
+        finally:
+            os.close(fd)
+        if tail[4:] == b"PAR1" and int.from_bytes(tail[:4], "little") + 12 <= size:
+            return True
+        self.move_aside(path, f"{size} bytes that do not end in a Parquet footer")
+        return False
+
+    def move_aside(self, path: str, problem: str) -> bool:
+        """Move a file that cannot be read to damaged/ under its own path there, never deleting it, and say
+        so in one line; False when it is gone already (another reader moved it)."""
+        root = self.root.rstrip("/") + "/"
+        relative = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+        target = self.path(DAMAGED, relative)
+        try:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            if self.is_local:
+                os.rename(path, target)
+            else:
+                self.fs.mv(path, target)
+        except FileNotFoundError:
+            return False
+        log.warning("%s cannot be read (%s): moved to %s; its rows are made again", self.uri_of(path), problem,
+                    self.uri_of(target))
+        return True
+
+    def damaged(self, table: str) -> list[str]:
+        """Names of the files of `table` moved aside (`move_aside`)."""
+        relative = self.table_dir(table)[len(self.root.rstrip("/")) + 1:]
+        return self.names(DAMAGED, *relative.split("/"))
 
     def read_polars(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.from_arrow(self.read(table, columns))
 
     def count(self, table: str) -> int:
-        files = self.files(table)
-        if not files:
-            return 0
-        return ds.dataset(files, format="parquet", filesystem=self.fs).count_rows()
+        def count(files: list[str]) -> int:
+            return ds.dataset(files, format="parquet", filesystem=self.fs).count_rows() if files else 0
+
+        return self.read_files(self.files(table), count)
 
     def catalog(self):
         """A DuckDB connection with one view per stage, per release, and `failures`."""
         from facets.storage.catalog import Catalog
 
         return Catalog(self)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(error).__name__
 
 
 def is_parquet_file(path: str) -> bool:

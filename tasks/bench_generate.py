@@ -8,6 +8,9 @@ Prompt formats (the paper's inference settings):
 | `chat` | chat: system and user messages, the server applies the model's template; with `system_role` false, one user turn `{system}\\n{prompt}` | the tokenizer's chat template with a system role; one user turn `{system}\\n{prompt}` when the template has none |
 | `mistral` | `/v1/completions` with the raw text `[INST] {system}\\n{prompt} [/INST]` | that raw text, tokenised with BOS |
 
+A local model sees the system message and the prompt as text: a `</s>` or `<s>` inside them is never the
+special token (only BOS and the template's own markers are).
+
 Defaults: max 1024 tokens, temperature 1.0, top_p 0.9. A response cut at max_tokens is kept (and marked
 `finish_reason="length"`): it is the model's answer under the paper's budget, and the judge grades it.
 Every call is journaled (a local model's generations too), so a rerun pays for nothing twice.
@@ -66,6 +69,15 @@ def has_system_role(tokenizer: Any) -> bool:
     return SYSTEM_SENTINEL in text
 
 
+def local_prompt_ids(tokenizer: Any, spec: ModelSpec, system: str, prompt: str) -> list[int]:
+    """The token ids of `render_local`'s text, with the system message and the prompt kept as text: a
+    `</s>` or `[INST]` inside them is never the special token (only BOS and a template's markers are)."""
+    from facets.training.data import SLOT, TextAsText
+
+    slotted, add_special_tokens = render_local(tokenizer, spec, SLOT.format(0), SLOT.format(1))
+    return TextAsText(tokenizer).ids(slotted, [system, prompt], add_special_tokens)
+
+
 def render_local(tokenizer: Any, spec: ModelSpec, system: str, prompt: str) -> tuple[str, bool]:
     """(text, add_special_tokens) for a local model: the raw Mistral text gets BOS from the tokenizer, a
     chat template's text already carries its own special tokens."""
@@ -91,8 +103,8 @@ class CompletionsTransport(LeanTransport):
     """`/v1/completions` with the text of the call's one user message as the raw prompt (the Mistral format
     for servers such as vLLM), answered in the chat reply shape the gateway reads."""
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int):
-        super().__init__(base_url, api_key, timeout_s, max_connections)
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_connections: int, max_reply_bytes: int):
+        super().__init__(base_url, api_key, timeout_s, max_connections, max_reply_bytes)
         self.url = f"{self.base_url}/completions"
 
     async def chat(self, body: dict) -> Reply:
@@ -163,7 +175,7 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
         await gateway.transport.close()
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else "unused"
         gateway.transport = CompletionsTransport(gateway.url, key, endpoint.retries.timeout_s,
-                                                 connection_limit(endpoint.limits))
+                                                 connection_limit(endpoint.limits), endpoint.max_reply_bytes)
     salt = "completions" if spec.prompt_format == "mistral" else None
     sampling = config.generation
     try:
@@ -217,12 +229,16 @@ class LocalModel:
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(self.device).eval()
 
-    def generate(self, texts: list[str], add_special_tokens: bool, sampling: Sampling, seed: int
-                 ) -> list[tuple[str, str, int, int]]:
-        """(text, finish_reason, prompt tokens, completion tokens) per prompt."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[tuple[str, str, int, int]]:
+        """(text, finish_reason, prompt tokens, completion tokens) per prompt (its token ids)."""
         torch, tokenizer = self.torch, self.tokenizer
         torch.manual_seed(seed)
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
+        width = max(map(len, prompts))  # left padding: every prompt ends where generation starts
+        encoded = {
+            "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts]),
+            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+        }
+        encoded = {name: tensor.to(self.device) for name, tensor in encoded.items()}
         sample = sampling.temperature > 0
         with torch.no_grad():
             output = self.model.generate(**encoded, max_new_tokens=sampling.max_tokens, do_sample=sample,
@@ -255,29 +271,25 @@ def generate_local(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
     journal = Journal(config.data_dir)
     model = load(spec.local_model)
     sampling = config.generation
-    rendered = [render_local(model.tokenizer, spec, item.system, item.prompt) for item in todo]
     rows: list[EvalResponse] = []
-    pending: list[tuple[BenchItem, str, bool, str]] = []
-    for item, (text, special) in zip(todo, rendered):
+    pending: list[tuple[BenchItem, list[int], str]] = []
+    for item in todo:
+        text, _ = render_local(model.tokenizer, spec, item.system, item.prompt)
         key = local_key(spec, text, sampling, config.seed)
         entry = journal.get(key)
         if entry is not None:
             rows.append(_row(spec, bench, item, wanted[item.item_id], entry.content, entry.finish_reason or "stop",
                              entry.usage.prompt_tokens, entry.usage.completion_tokens))
         else:
-            pending.append((item, text, special, key))
+            pending.append((item, local_prompt_ids(model.tokenizer, spec, item.system, item.prompt), key))
     try:
         for start in range(0, len(pending), spec.batch_size):
             batch = pending[start:start + spec.batch_size]
-            for special in (True, False):
-                group = [p for p in batch if p[2] is special]
-                if not group:
-                    continue
-                outputs = model.generate([p[1] for p in group], special, sampling, config.seed + start)
-                for (item, _, _, key), (text, finish, prompt_tokens, completion_tokens) in zip(group, outputs):
-                    journal.put(JournalEntry(key=key, model=spec.name, content=text, finish_reason=finish,
-                                             usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}))
-                    rows.append(_row(spec, bench, item, wanted[item.item_id], text, finish, prompt_tokens, completion_tokens))
+            outputs = model.generate([ids for _, ids, _ in batch], sampling, config.seed + start)
+            for (item, _, key), (text, finish, prompt_tokens, completion_tokens) in zip(batch, outputs):
+                journal.put(JournalEntry(key=key, model=spec.name, content=text, finish_reason=finish,
+                                         usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}))
+                rows.append(_row(spec, bench, item, wanted[item.item_id], text, finish, prompt_tokens, completion_tokens))
     finally:
         journal.close()
     _store(store, bench, spec, rows, report)

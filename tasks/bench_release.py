@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from facets.schemas import BenchRow, Rubric, arrow_schema, instruction_id, normalise_text, to_table
 from facets.schemas.evaluation import BENCHMARKS
 from facets.storage import Store
+from facets.storage.scratch import open_scratch, sweep
 from facets.tasks.bench_sources import BenchPrompt, benchmark_of
 from facets.tasks.release import file_sha256
 
@@ -102,9 +102,11 @@ def publish_bench(store: Store, rows: list[BenchRow], extra: dict | None = None)
     if not rows:
         raise BenchError("nothing to publish: no bench item has all its rows")
     rows = sorted(rows, key=lambda r: instruction_id(r.prompt))
-    staging = store.path(".staging", f"bench-{uuid.uuid4().hex}")
-    os.makedirs(f"{staging}/{BENCH}")
+    sweep(store)  # what killed publishers left
+    scratch = open_scratch(store, "bench")  # locked while this process works in it (storage/scratch.py)
+    staging = scratch.path
     try:
+        os.makedirs(f"{staging}/{BENCH}")
         pq.write_table(to_table(rows, BenchRow), f"{staging}/{BENCH_FILE}", compression="zstd")
         content = file_sha256(f"{staging}/{BENCH_FILE}")
         version = f"bench-{content[:12]}"
@@ -136,7 +138,7 @@ def publish_bench(store: Store, rows: list[BenchRow], extra: dict | None = None)
                     raise
                 is_new = False
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scratch.close()
         try:
             os.rmdir(store.path(".staging"))
         except OSError:

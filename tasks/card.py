@@ -180,6 +180,8 @@ def render_card(facts: CardFacts) -> str:
     stages = list(dict.fromkeys([*facts.models, *facts.prompt_versions]))
     out += [_table(["stage", "model", "prompt version"],
                    [(s, facts.models.get(s, ""), facts.prompt_versions.get(s, "")) for s in stages]), ""]
+    if dialect := (facts.config.get("endpoint") or {}).get("structured_output"):
+        out += [f"Structured output was asked for as `{dialect}`.", ""]
 
     out += ["## Usage and cost", ""]
     if facts.usage:

@@ -7,7 +7,9 @@ go out as one OpenAI batch whose results land in the same journal.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from facets.tasks.shard import Shard, StageCount, existing_rows, write_failures,
 from facets.tasks.templates import Template
 
 Key = tuple[str, int]  # (instruction id, set index)
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -43,7 +46,8 @@ class BuildContext:
         # the stage files there before this build (listed now unless given): other shards of the build
         # hold other instructions, and listing again would make each shard open the files of every shard
         # before it (the small replacement shards span every bucket range), quadratic in the build's size
-        self.stored = stored if stored is not None else {stage: store.files(stage) for stage in STAGES}
+        # (a cut file is moved aside here, before any shard or `complete_instructions` reads: `Store.whole`)
+        self.stored = stored if stored is not None else {stage: store.whole(store.files(stage)) for stage in STAGES}
 
     def stored_files(self, stage: str, shard: Shard) -> list[str]:
         """Where a shard's stored rows of `stage` can be: the files there before this build, and those the
@@ -87,18 +91,28 @@ class BuildContext:
             if batch:
                 await make_some([key for keys in batch for key in keys])
             await all_or_none(running)
-        finally:  # a stage that stops (cancelled, or a call aborted the run) stops the calls it started
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-        keys = [key for iid in consumed for key in shard.keys(stage, iid)]
-        made = [rows[key] for key in keys if key in rows and key not in found]
-        write_rows(self.store, stage, shard, made)
-        if stage in self.gateways:
-            write_failures(self.store, shard, self.gateways[stage].drain_failures())
+        except BaseException:  # a stage that stops (cancelled, a call aborted the run) keeps what it made
+            await _cancel(running)
+            with _logged(f"{stage} of {shard.name}: could not write what the stage made before it stopped"):
+                self.keep(stage, shard, consumed, found, rows)
+            raise
+        keys, made = self.keep(stage, shard, consumed, found, rows)
         reused = sum(key in found for key in keys)
         shard.counts[stage] = StageCount(reused, len(made), len(keys) - reused - len(made))
         done.close()
+
+    def keep(self, stage: str, shard: Shard, consumed: list[str], found: dict,
+             rows: dict) -> tuple[list[Key], list[BaseModel]]:
+        """Write the rows a stage made and the failures its calls left (they were kept as they happened)."""
+        keys = [key for iid in consumed for key in shard.keys(stage, iid)]
+        made = [rows[key] for key in keys if key in rows and key not in found]
+        write_rows(self.store, stage, shard, made)
+        gateway = self.gateways.get(stage)
+        if gateway is not None:
+            write_failures(self.store, shard, gateway.drain_failures())
+            if gateway.failure_log is not None:
+                gateway.failure_log.written()
+        return keys, made
 
     async def ask(self, stage: str, shard: Shard, requests: list[Request]) -> dict[Key, BaseModel]:
         """Rows for the requests that came back good; the others go to the gateway's failures with their raw output."""
@@ -118,9 +132,28 @@ class BuildContext:
             await gateway.aclose()
         if self.transport is not None:
             await self.transport.close()
+        for gateway in self.gateways.values():
+            if gateway.failure_log is not None:
+                gateway.failure_log.close()
         journals = {id(g.journal): g.journal for g in self.gateways.values() if g.journal is not None}
         for journal in journals.values():
             journal.close()
+
+
+async def _cancel(tasks: set[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """On the way out of a failed stage: a second error is logged, never raised over the first. The
+    failures stay in their live file then, and the next build writes them."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s: %s", what, exc)
 
 
 async def all_or_none(tasks: Iterable[asyncio.Task]) -> None:

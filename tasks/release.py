@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 from facets.schemas import PreferencePairRow, RMRow, SFTRow, arrow_schema
 from facets.storage import Store
 from facets.storage.mirror import local_tables
+from facets.storage.scratch import Scratch, open_scratch, sweep
 from facets.tasks.card import CardFacts, format_cost, redact, render_card, total_cost, total_tokens
 from facets.tasks.sunburst import sunburst_html, sunburst_nodes, sunburst_png
 
@@ -461,15 +462,12 @@ def _card_facts(con: duckdb.DuckDBPyConnection, info: ReleaseInfo, *, version: s
         nodes=sunburst_nodes(con, "_rows"))
 
 
-def _scratch(store: Store, kind: str) -> str:
-    """A fresh folder for work in progress: on the data dir's own disk when local (a staged release then
-    moves into place in one rename), outside `releases/` so the catalog never sees it; a local temporary
-    folder for object stores."""
-    if store.is_local:
-        path = store.path(".staging", f"{kind}-{uuid.uuid4().hex}")
-        os.makedirs(path)
-        return path
-    return tempfile.mkdtemp(prefix=f"facets-{kind}-")
+def _scratch(store: Store, kind: str, held: list[Scratch]) -> str:
+    """A fresh folder for work in progress (storage/scratch.py): on the data dir's own disk when local (a
+    staged release then moves into place in one rename), locked while this process works in it, so that
+    what a killed publisher leaves is swept; `held` releases it."""
+    held.append(scratch := open_scratch(store, kind))
+    return scratch.path
 
 
 def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed: int = 0,
@@ -484,6 +482,7 @@ def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed
     """
     expected = _expected_table(expected)
     rm_test_size(1, test_fraction)  # validates the fraction before any work
+    sweep(store)  # what killed publishers left: staged releases, DuckDB spill
     limits = [None] if memory_mb is None else [memory_mb * 2**i for i in range(4)]
     for limit in limits:
         try:
@@ -498,13 +497,12 @@ def publish_release(store: Store, expected: pa.Table, info: ReleaseInfo, *, seed
 def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, test_fraction: float,
              memory_mb: int | None) -> Release:
     started = time.monotonic()
-    scratch: list[str] = []
+    scratch: list[Scratch] = []
     try:
         tables = local_tables(store)  # an object store's stage files, copied once: DuckDB reads them at disk speed
         with tables.catalog() as catalog:
             con = catalog.con
-            scratch.append(_scratch(store, "spill"))
-            con.execute("SET temp_directory = " + _quote(scratch[-1]))
+            con.execute("SET temp_directory = " + _quote(_scratch(store, "spill", scratch)))
             if memory_mb is not None:
                 con.execute(f"SET memory_limit = '{int(memory_mb)}MB'")
                 con.execute("SET threads = 1")
@@ -524,7 +522,7 @@ def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, tes
                 return Release(version=current[0], path=_location(store, store.path("releases", current[0])),
                                counts=counts, is_new=False, latest_changed=False, left_out=left_out)
             _build_rows(con, scans)
-            scratch.append(staging := _scratch(store, "release"))
+            staging = _scratch(store, "release", scratch)
             splits, entries = _write_datasets(con, staging, seed, rm_test_size(pairs, test_fraction))
             content_hash = hashlib.sha256("".join(f"{n}\t{e['sha256']}\n" for n, e in sorted(entries.items())).encode()).hexdigest()
             version = content_hash[:16]
@@ -565,8 +563,8 @@ def _publish(store: Store, expected: pa.Table, info: ReleaseInfo, seed: int, tes
                     handle.write(json.dumps(manifest, indent=2, default=str).encode("utf-8") + b"\n")
                 is_new = _commit(store, staging, target, [*entries, MANIFEST])
     finally:
-        for path in scratch:
-            shutil.rmtree(path, ignore_errors=True)
+        for held in scratch:
+            held.close()
         if store.is_local:
             try:
                 os.rmdir(store.path(".staging"))  # only when empty: another publisher may be at work

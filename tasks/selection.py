@@ -8,9 +8,10 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from facets.schemas import Instruction, from_table
+from facets.schemas import NUM_BUCKETS, Instruction, bucket_of, from_table
 from facets.storage import Store
-from facets.tasks.plan import StagePlan, seeded_rank
+from facets.tasks.plan import STAGES, StagePlan, seeded_rank
+from facets.tasks.shard import bucket_range
 
 STAGE = "instructions"
 
@@ -70,3 +71,10 @@ def complete_instructions(store: Store, plan: StagePlan) -> set[str]:
     table = store.read("pairs", columns=["instruction_id", "fingerprint"])
     return {iid for iid, fp in zip(table.column("instruction_id").to_pylist(), table.column("fingerprint").to_pylist())
             if plan.fingerprints(iid).pairs == fp}
+
+
+def near_damage(store: Store, ids: set[str]) -> set[str]:
+    """Those of `ids` in the bucket range of a stage file moved aside as damaged (`Store.move_aside`): a row
+    before their pair may have gone with it, so they are not taken as complete without looking."""
+    spans = [bucket_range(name) or (0, NUM_BUCKETS - 1) for stage in STAGES for name in store.damaged(stage)]
+    return {iid for iid in ids if any(lo <= bucket_of(iid) <= hi for lo, hi in spans)} if spans else set()

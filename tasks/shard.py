@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow.dataset as ds
 from pydantic import BaseModel
 
-from facets.schemas import Failure, Instruction, from_table
+from facets.schemas import Failure, Instruction, arrow_schema, from_table
 from facets.schemas.shards import ShardSummary
 from facets.storage import Store
 from facets.storage.stages import model_of
@@ -126,14 +126,21 @@ class Shard:
 def existing_rows(store: Store, stage: str, shard: Shard, wanted: dict[tuple[str, int], str],
                   stored: list[str]) -> dict[tuple[str, int], BaseModel]:
     """Rows already stored for `wanted` keys ((instruction id, set index) -> fingerprint), one per key,
-    looked for in those of the stage's files `stored` whose bucket range overlaps the shard's."""
+    looked for in those of the stage's files `stored` whose bucket range overlaps the shard's. A file that
+    cannot be read is moved aside (`Store.read_files`): its rows are made again."""
     files = [f for f in stored if _overlaps(f, shard.lo, shard.hi)]
     if not files or not wanted:
         return {}
     ids = sorted({iid for iid, _ in wanted})
     fps = sorted(set(wanted.values()))
-    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
-    table = dataset.to_table(filter=ds.field("instruction_id").isin(ids) & ds.field("fingerprint").isin(fps))
+
+    def read(some: list[str]):
+        if not some:
+            return arrow_schema(model_of(stage)).empty_table()
+        dataset = ds.dataset(some, format="parquet", filesystem=store.fs)
+        return dataset.to_table(filter=ds.field("instruction_id").isin(ids) & ds.field("fingerprint").isin(fps))
+
+    table = store.read_files(files, read)
     found: dict[tuple[str, int], BaseModel] = {}
     for row in from_table(table, model_of(stage)):
         key = (row.instruction_id, getattr(row, "set_index", 0))

@@ -56,14 +56,14 @@ def test_one_shard_run_writes_its_rows_and_summary_and_a_rerun_asks_only_its_fai
         second = asyncio.run(build_shard(config, spec))
         again = sim.stats()["requests"] - asked
     assert first["accepted"] and set(first["accepted"]) <= set(ids) and asked >= 7 * len(first["accepted"])
-    assert second["accepted"] == first["accepted"]
+    assert set(first["accepted"]) <= set(second["accepted"])  # a failed one asked again may come good
     summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b1", spec.key)))
-    assert summary.accepted == first["accepted"] and summary.error is None and summary.run
+    assert summary.accepted == second["accepted"] and summary.error is None and summary.run
     # the second run's summary: every accepted row reused, and only the failed instructions asked again
-    assert summary.counts["responses"]["reused"] == 3 * len(summary.accepted)
+    assert summary.counts["responses"]["reused"] >= 3 * len(first["accepted"])
     failed = len(ids) - len(first["accepted"])
     assert again == sum(u["requests"] for u in summary.usage.values()) <= 3 * 7 * failed
-    assert len({row["instruction_id"] for row in Store(data_dir).read("pairs").to_pylist()}) == len(first["accepted"])
+    assert len({row["instruction_id"] for row in Store(data_dir).read("pairs").to_pylist()}) == len(second["accepted"])
 
 
 def test_a_shard_run_reports_each_stage_and_the_build_hears_each_report_once(tmp_path):

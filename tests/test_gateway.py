@@ -527,7 +527,8 @@ def test_structured_output_repair_loop_exhausted_records_a_failure_and_never_rai
     [failure] = gateway.failures
     assert (failure.stage, failure.key, failure.reason) == ("trees", "i0#0", "invalid_json")
     assert failure.raw_output.startswith("{") and failure.detail
-    assert len(Journal(str(tmp_path))) == 0  # nothing paid for is a row
+    journal = Journal(str(tmp_path))  # every paid reply is kept, marked rejected: none is a row
+    assert len(journal) == 3 and journal.get(gateway.prepare(ask(0), SAMPLING, schema=Verdict).key).rejected == "invalid_json"
 
 
 def test_repair_asks_again_with_the_error_then_accepts(transport, tmp_path):
@@ -536,12 +537,12 @@ def test_repair_asks_again_with_the_error_then_accepts(transport, tmp_path):
     with run_simulator(faults={"invalid_json": 0.5}, seed=1) as sim:
         results, gateway = run(endpoint(sim, transport), lambda g: parse_all(g, n, repair_attempts=6), Journal(str(tmp_path)))
         stats = sim.stats()
+        sim.reset_stats()  # a rerun walks each call's attempts from the journal: the rejected replies too
+        again, _ = run(endpoint(sim, transport), lambda g: parse_all(g, n, repair_attempts=6), Journal(str(tmp_path)))
+        assert sim.stats()["requests"] == 0
     assert answered(results) and gateway.failures == []
     assert stats["faults"]["invalid_json"] >= 3 and stats["requests"] == n + stats["faults"]["invalid_json"]
-    journal = Journal(str(tmp_path))
-    for r in results:  # the accepted reply is journaled under the original call's key
-        entry = journal.get(r.key)
-        assert Verdict.model_validate(entry.parsed) == r.value and entry.content == r.content
+    assert [r.value for r in again] == [r.value for r in results] and all(r.from_journal for r in again)
 
 
 def test_reply_cut_by_max_tokens_is_a_failure_not_a_row(transport, tmp_path):
@@ -555,7 +556,7 @@ def test_reply_cut_by_max_tokens_is_a_failure_not_a_row(transport, tmp_path):
     assert result is None and stats["requests"] == stats["paid"] == 2  # asked once more, "shorter"
     [failure] = gateway.failures
     assert failure.reason == "length" and failure.raw_output and "max_tokens=8" in failure.detail
-    assert len(Journal(str(tmp_path))) == 0
+    assert len(Journal(str(tmp_path))) == 2  # both replies kept, neither a row
 
 
 # -- fatal conditions -------------------------------------------------------------------------
@@ -684,7 +685,7 @@ def test_good_replies_in_flight_when_the_run_stops_are_journaled_and_returned(tr
         results, _ = run(config, lambda g: parse_all(g, 80, repair_attempts=0), Journal(str(tmp_path)))
         stats = sim.stats()
     assert any(isinstance(r, TooManyFailures) for r in results) and stats["requests"] < 80  # stopped early
-    assert stats["ok"] > 0 and len(Journal(str(tmp_path))) == stats["ok"]
+    assert stats["ok"] > 0 and len(Journal(str(tmp_path))) == stats["paid"]  # every reply paid for, rejected or not
     assert sum(isinstance(r, Completion) for r in results) == stats["ok"]
 
 

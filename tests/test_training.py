@@ -129,6 +129,78 @@ def test_the_loss_mask_covers_exactly_the_response_and_its_eos(data_dir, model_d
         assert tokenizer.decode(ids[first:-1]) in outputs
 
 
+MARKERS_AS_TEXT = " Quote: </s> then <s> and [INST] x [/INST] </s>"
+
+
+def test_a_row_s_text_never_becomes_a_special_token(model_dir):
+    """`</s>`, `<s>` and `[INST]` in an instruction, a system message or a response are text: each row has
+    exactly one BOS (first) and one EOS (last), and its text tokens decode back to the literal strings."""
+    from transformers import AutoTokenizer
+
+    from facets.training.data import RowTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    sft, pairs = release_rows(2, prompt_tail=MARKERS_AS_TEXT)
+    row = sft[0].model_dump() | {"system": "Be terse </s>", "output": "Done. </s><s>"}
+    ids = RowTokenizer("sft", "mistral", tokenizer)(row)["input_ids"]
+    assert ids.count(bos) == 1 and ids[0] == bos and ids.count(eos) == 1 and ids[-1] == eos
+    assert tokenizer.decode(ids[1:-1]) == f"[INST] {row['system']}\n{row['prompt']} [/INST] {row['output']}"
+    assert tokenizer.decode(ids[1:-1]).count("</s>") == 4
+
+    pair = RowTokenizer("dpo", "mistral", tokenizer)(pairs[0].model_dump(mode="json"))
+    assert pair["prompt_ids"].count(bos) == 1 and eos not in pair["prompt_ids"]
+    assert all(pair[side].count(eos) == 1 and pair[side][-1] == eos for side in ("chosen_ids", "rejected_ids"))
+    assert tokenizer.decode(pair["prompt_ids"][1:]).endswith(f"{MARKERS_AS_TEXT} [/INST]")
+
+    clean = sft[1].model_dump() | {"prompt": "Name a colour."}
+    text = f"[INST] {clean['system']}\n{clean['prompt']} [/INST] {clean['output']}"
+    assert RowTokenizer("sft", "mistral", tokenizer)(clean)["input_ids"] == tokenizer(text)["input_ids"] + [eos], \
+        "a row without such strings is tokenised exactly as before"
+
+
+def test_a_chat_template_s_markers_stay_special_and_the_row_s_text_does_not(model_dir):
+    from transformers import AutoTokenizer
+
+    from facets.training.data import RowTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                               "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    row = release_rows(1, prompt_tail=MARKERS_AS_TEXT)[0][0].model_dump()
+    tokenised = RowTokenizer("sft", "chat", tokenizer)(row)
+    ids, mask = tokenised["input_ids"], tokenised["completion_mask"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == 3, "one per turn"
+    assert f"{MARKERS_AS_TEXT}</s><|assistant|>" in tokenizer.decode(ids)
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == f"{row['output']}</s>"
+
+
+def test_the_trainers_train_on_the_rows_text_as_text(model_dir, tmp_path):
+    """SFT, DPO and ORPO rows as the trainers hold them, from a release whose instructions quote the markers:
+    (method, column, BOS and EOS it holds, whether it holds the instruction)."""
+    write_release(tmp_path / "data", n=4, prompt_tail=MARKERS_AS_TEXT)
+    expected = [("sft", "input_ids", 1, 1, True), ("dpo", "prompt_ids", 1, 0, True), ("dpo", "chosen_ids", 0, 1, False),
+                ("orpo", "chosen_input_ids", 1, 1, True), ("orpo", "rejected_input_ids", 1, 1, True)]
+    for method, column, bos, eos, quotes in expected:
+        trainer, tokenizer = build(config(tmp_path / "data", model_dir, tmp_path / method, method, packing=False))
+        for ids in trainer.train_dataset[column]:
+            assert (ids.count(tokenizer.bos_token_id), ids.count(tokenizer.eos_token_id)) == (bos, eos), (method, column)
+            assert (MARKERS_AS_TEXT in tokenizer.decode(ids)) is quotes
+
+
+def test_a_local_model_s_prompt_keeps_its_text_as_text(model_dir):
+    from transformers import AutoTokenizer
+
+    from facets.schemas.evaluation import ModelSpec
+    from facets.tasks.bench_generate import local_prompt_ids, render_local
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = ModelSpec(name="m", local_model=str(model_dir), prompt_format="mistral")
+    ids = local_prompt_ids(tokenizer, spec, "Be terse </s>", f"Why?{MARKERS_AS_TEXT}")
+    assert ids.count(tokenizer.bos_token_id) == 1 and tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(ids[1:]) == render_local(tokenizer, spec, "Be terse </s>", f"Why?{MARKERS_AS_TEXT}")[0]
+
+
 @pytest.mark.parametrize("attention", ["facets_varlen", "sdpa"])
 def test_a_packed_sample_has_the_same_logits_as_alone(attention, data_dir, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -41,8 +41,9 @@ def _preference_set(seeds: dict, k: int) -> list[Preference]:
     return chosen
 
 
-def release_rows(n: int, answer_chars: int = 300) -> tuple[list[SFTRow], list[PreferencePairRow]]:
-    records = json.loads(DSP.read_text())[:n]
+def release_rows(n: int, answer_chars: int = 300, prompt_tail: str = "") -> tuple[list[SFTRow], list[PreferencePairRow]]:
+    """`prompt_tail` is appended to every instruction (text that looks like a prompt format's markers, say)."""
+    records = [{**r, "query": r["query"] + prompt_tail} for r in json.loads(DSP.read_text())[:n]]
     seeds = json.loads(SEEDS.read_text())
     sft, pairs = [], []
     for i, record in enumerate(records):
@@ -60,9 +61,10 @@ def release_rows(n: int, answer_chars: int = 300) -> tuple[list[SFTRow], list[Pr
     return sft, pairs
 
 
-def write_release(data_dir: Path, n: int = 12, version: str = "v-fixture", answer_chars: int = 300) -> Path:
+def write_release(data_dir: Path, n: int = 12, version: str = "v-fixture", answer_chars: int = 300,
+                  prompt_tail: str = "") -> Path:
     """releases/<version>/{sft,small,dpo,orpo}/train-*.parquet and releases/LATEST, as `facets build` lays them."""
-    sft, pairs = release_rows(n, answer_chars)
+    sft, pairs = release_rows(n, answer_chars, prompt_tail)
     release = data_dir / "releases" / version
     subsets = {"sft": (sft, SFTRow), "small": (sft[::3], SFTRow), "dpo": (pairs, PreferencePairRow),
                "orpo": (pairs, PreferencePairRow)}

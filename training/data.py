@@ -1,12 +1,17 @@
-"""A release subset as TRL rows: located, checked for its layout, formatted, and filtered by length.
+"""A release subset as TRL rows: located, checked for its layout, formatted, tokenised and filtered by length.
 
 Training reads the release as published (DESIGN decision 12) and writes the prompt itself, because TRL
-would drop the `system` column. Rows longer than the configured length are dropped and counted here,
-before training: TRL would otherwise cut them mid-response (and lose their EOS) or drop them silently.
+would drop the `system` column. Rows are tokenised here, not by TRL: TRL tokenises text with its special
+tokens parsed, so an instruction quoting `</s>` or `<s>` would train on a real EOS or BOS mid-prompt.
+Here the format's markers (BOS, EOS, a chat template's own tokens) are the only special tokens; a row's
+instruction, system message and responses stay text. Rows longer than the configured length are dropped
+and counted here, before training: TRL would otherwise cut them mid-response (and lose their EOS) or drop
+them silently.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +132,127 @@ def _accepts_system_role(tokenizer: Any) -> bool:
         return False
 
 
+# -- tokenising: the row's text stays text ---------------------------------------------------------
+SLOT = "\ue000{}\ue001"  # private-use characters: where a row's text goes in a rendered prompt
+SLOTS = re.compile("\ue000(\\d+)\ue001")
+
+
+def _fill(rendered: str, texts: list[str]) -> str:
+    return SLOTS.sub(lambda m: texts[int(m.group(1))], rendered)
+
+
+class TextAsText:
+    """Token ids of a rendered prompt whose slots hold a row's text: the text never becomes a special token.
+
+    A row with no special-token string in its text is tokenised whole, exactly as the tokenizer always did.
+    Otherwise the template around the slots is cut at the tokenizer's added tokens (its markers, ids as
+    they are) and the text between them is tokenised with special-token strings split into plain tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.added: dict[str, int] = dict(tokenizer.added_tokens_encoder)
+        longest_first = sorted(self.added, key=len, reverse=True)
+        self.markers = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        self.prefix, self.suffix = _added_around(tokenizer)
+
+    def ids(self, rendered: str, texts: list[str], add_special_tokens: bool) -> list[int]:
+        if self.markers is None or not any(self.markers.search(t) for t in texts):
+            return self.tokenizer(_fill(rendered, texts), add_special_tokens=add_special_tokens)["input_ids"]
+        ids = self._marked(rendered, texts)
+        return self.prefix + ids + self.suffix if add_special_tokens else ids
+
+    def _marked(self, rendered: str, texts: list[str]) -> list[int]:
+        ids: list[int] = []
+        run: list[str] = []  # plain text waiting to be tokenised, template and row text alike
+
+        def flush() -> None:
+            text = "".join(run)
+            run.clear()
+            if text:
+                ids.extend(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+        at = 0
+        for slot in [*SLOTS.finditer(rendered), None]:
+            template = rendered[at:slot.start() if slot else len(rendered)]
+            cut = 0
+            for marker in self.markers.finditer(template):
+                run.append(template[cut:marker.start()])
+                flush()
+                ids.append(self.added[marker.group()])
+                cut = marker.end()
+            run.append(template[cut:])
+            if slot is not None:
+                run.append(texts[int(slot.group(1))])
+                at = slot.end()
+        flush()
+        return ids
+
+
+def _added_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a text of its own accord (BOS, for Mistral and Llama)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _slotted(row: dict, method: str) -> tuple[list[str], dict]:
+    """The row's texts, and the row with a slot in place of each (for the formatter to lay out)."""
+    texts = [row["system"], row["prompt"]]
+    slotted: dict[str, Any] = {"system": SLOT.format(0), "prompt": SLOT.format(1)}
+    sides = ("output",) if method == "sft" else ("chosen", "rejected")
+    for side in sides:
+        texts.append(row[side] if side == "output" else _response(row[side]))
+        slot = SLOT.format(len(texts) - 1)
+        slotted[side] = slot if side == "output" else [{"role": "assistant", "content": slot}]
+    return texts, slotted
+
+
+class RowTokenizer:
+    """Release rows -> token ids as the trainers take them: SFT `input_ids` and `completion_mask`, DPO and
+    ORPO `prompt_ids`, `chosen_ids` and `rejected_ids`. The completion starts where the ids of the prompt
+    alone and of the whole row part ways (as TRL finds it); the Mistral format's completion ends with the
+    EOS id, a chat template's with the template's own end of turn."""
+
+    def __init__(self, method: str, prompt_format: str, tokenizer: Any):
+        self.method = method
+        self.formatter = RowFormatter(method, prompt_format, tokenizer)
+        self.tokenizer = tokenizer
+        self.text = TextAsText(tokenizer)
+        self.chat = prompt_format == "chat"
+        self.eos = [] if self.chat else [tokenizer.eos_token_id]
+
+    def __call__(self, row: dict) -> dict:
+        texts, slotted = _slotted(row, self.method)
+        formatted = self.formatter(slotted)
+        prompt = self._ids(formatted["prompt"], None, texts)
+        if self.method == "sft":
+            whole = self._ids(formatted["prompt"], formatted["completion"], texts) + self.eos
+            start = _common_prefix(prompt, whole)
+            return {"input_ids": whole, "completion_mask": [0] * start + [1] * (len(whole) - start)}
+        chosen = self._ids(formatted["prompt"], formatted["chosen"], texts) + self.eos
+        rejected = self._ids(formatted["prompt"], formatted["rejected"], texts) + self.eos
+        start = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+        return {"prompt_ids": prompt[:start], "chosen_ids": chosen[start:], "rejected_ids": rejected[start:]}
+
+    def _ids(self, prompt: Any, answer: Any, texts: list[str]) -> list[int]:
+        if self.chat:
+            rendered = self.tokenizer.apply_chat_template(prompt + (answer or []), tokenize=False,
+                                                          add_generation_prompt=answer is None)
+            return self.text.ids(rendered, texts, add_special_tokens=False)  # the template has its BOS
+        return self.text.ids(prompt + (answer or ""), texts, add_special_tokens=True)
+
+
 # -- lengths --------------------------------------------------------------------------------------
 @dataclass
 class LengthReport:
@@ -143,44 +269,24 @@ class LengthReport:
         return asdict(self)
 
 
-class TokenCounter:
-    """Token counts as the trainers will see them: prompt with BOS, completion plus EOS."""
-
-    def __init__(self, tokenizer: Any, prompt_format: str):
-        self.tokenizer, self.prompt_format = tokenizer, prompt_format
-
-    def prompts(self, prompts: list) -> list[int]:
-        if self.prompt_format == "mistral":
-            return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-        return [len(_ids(self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True)))
-                for p in prompts]
-
-    def answers(self, answers: list) -> list[int]:
-        texts = answers if self.prompt_format == "mistral" else [a[-1]["content"] for a in answers]
-        return [len(ids) + 1 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _ids(rendered: Any) -> list[int]:
-    return rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered
-
-
-def measure(dataset: Any, counter: TokenCounter, method: str) -> tuple[list[int], list[int]]:
-    """(prompt tokens, whole-row tokens) per row; a pair's row is its prompt plus its longer side."""
+def measure(dataset: Any, method: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, whole-row tokens) per tokenised row; a pair's row is its prompt plus its longer side."""
     prompt_lengths: list[int] = []
     row_lengths: list[int] = []
     for batch in dataset.iter(batch_size=1024):
-        prompts = counter.prompts(batch["prompt"])
         if method == "sft":
-            answers = counter.answers(batch["completion"])
+            prompts = [mask.index(1) if 1 in mask else len(mask) for mask in batch["completion_mask"]]
+            rows = [len(ids) for ids in batch["input_ids"]]
         else:
-            answers = [max(c, r) for c, r in zip(counter.answers(batch["chosen"]), counter.answers(batch["rejected"]))]
+            prompts = [len(ids) for ids in batch["prompt_ids"]]
+            rows = [p + max(len(c), len(r)) for p, c, r in zip(prompts, batch["chosen_ids"], batch["rejected_ids"])]
         prompt_lengths.extend(prompts)
-        row_lengths.extend(p + a for p, a in zip(prompts, answers))
+        row_lengths.extend(rows)
     return prompt_lengths, row_lengths
 
 
-def filter_by_length(dataset: Any, counter: TokenCounter, method: str, max_length: int) -> tuple[Any, LengthReport]:
-    prompt_lengths, row_lengths = measure(dataset, counter, method)
+def filter_by_length(dataset: Any, method: str, max_length: int) -> tuple[Any, LengthReport]:
+    prompt_lengths, row_lengths = measure(dataset, method)
     longest_prompt = max(prompt_lengths)
     if longest_prompt >= max_length:
         row = prompt_lengths.index(longest_prompt)
@@ -197,13 +303,13 @@ def filter_by_length(dataset: Any, counter: TokenCounter, method: str, max_lengt
 
 # -- loading --------------------------------------------------------------------------------------
 def load_rows(config: TrainConfig, tokenizer: Any) -> tuple[Any, LengthReport]:
-    """The release subset through `datasets`, as TRL rows that fit `max_length`."""
+    """The release subset through `datasets`, as tokenised TRL rows that fit `max_length`."""
     import datasets
 
     release = resolve_release(config.release)
     files = subset_files(release, config.subset)
     check_layout(files, config.method)
     raw = datasets.load_dataset("parquet", data_files={"train": [str(f) for f in files]}, split="train")
-    formatter = RowFormatter(config.method, config.prompt_format, tokenizer)
-    rows = raw.map(formatter, remove_columns=raw.column_names, desc=f"formatting {config.subset}")
-    return filter_by_length(rows, TokenCounter(tokenizer, config.prompt_format), config.method, config.max_length)
+    tokenise = RowTokenizer(config.method, config.prompt_format, tokenizer)
+    rows = raw.map(tokenise, remove_columns=raw.column_names, desc=f"tokenising {config.subset}")
+    return filter_by_length(rows, config.method, config.max_length)

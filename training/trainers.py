@@ -88,15 +88,48 @@ def build_trainer(config: TrainConfig, rows: Any, tokenizer: Any, *, on_cpu: boo
         return SFTTrainer(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
                           callbacks=callbacks)
     if config.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
         # reference log-probs computed once by the policy before training: one model in memory
         args = DPOConfig(**arguments, max_length=config.max_length, beta=config.beta, precompute_ref_log_probs=True,
                          precompute_ref_batch_size=max(1, config.batch_size * 2))
-        return DPOTrainer(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
-                          callbacks=callbacks)
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        return tokenised_dpo()(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
+                               callbacks=callbacks)
+    from trl.experimental.orpo import ORPOConfig
 
     args = ORPOConfig(**arguments, max_length=config.max_length, beta=config.beta)
-    return ORPOTrainer(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
-                       callbacks=callbacks)
+    return tokenised_orpo()(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
+                            callbacks=callbacks)
+
+
+# Rows come tokenised (training/data.py: a row's text never becomes a special token). SFT takes `input_ids`
+# and `completion_mask` as they are; DPO and ORPO would tokenise from text again, so they take the ids here.
+def tokenised_dpo():
+    from trl import DPOTrainer
+
+    class TokenisedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:  # lengths were checked when the rows were made
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return TokenisedDPOTrainer
+
+
+def tokenised_orpo():
+    from trl.experimental.orpo import ORPOTrainer
+
+    class TokenisedORPOTrainer(ORPOTrainer):
+        def tokenize_row(self, feature, model=None) -> dict:
+            if "prompt_ids" not in feature:
+                return super().tokenize_row(feature, model)
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = feature[f"{side}_ids"]
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [-100] * len(prompt) + answer
+            return row
+
+    return TokenisedORPOTrainer

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from facets.flows.commands.config_file import read_config_file
+from facets.flows.commands.config_file import config_problem, read_config_file, section
+from facets.schemas.config import config_error
 
 SIMULATOR_MODEL = "facets-sim"
 
@@ -51,8 +52,8 @@ def load_config(args: argparse.Namespace):
     for name in ("sources", "data_dir", "against", "per_benchmark", "seed", "mode", "shard_size", "templates_dir", "publish"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    endpoint = data.setdefault("endpoint", {})
-    limits = endpoint.setdefault("limits", {})
+    endpoint = section(data, "endpoint", args.config)
+    limits = section(endpoint, "limits", args.config, "endpoint.")
     for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
                               ("max_in_flight", limits, "max_in_flight")):
         if getattr(args, flag) is not None:
@@ -97,13 +98,14 @@ def run_flow(flow_fn, config) -> dict:
 def run(args: argparse.Namespace) -> int:
     prefect_environment()
     from facets.llm.errors import RunAborted
+    from facets.storage.lease import DataDirLocked
     from facets.tasks.bench_release import BenchError
     from facets.tasks.bench_sources import BenchSourceError
 
     try:
         config = load_config(args)
     except (ValidationError, ValueError, OSError) as exc:
-        print(f"facets bench build: bad config: {exc}", file=sys.stderr)
+        print(f"facets bench build: error: {config_problem(exc, args.config)}", file=sys.stderr)
         return 2
     if not config.sources:
         print("facets bench build: name at least one --source NAME=PATH (alpaca_eval, flask, koala, mt_bench, "
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             report = run_flow(build_bench, config)
-        except (RunAborted, BenchSourceError, BenchError, ValueError) as exc:
+        except (RunAborted, BenchSourceError, BenchError, DataDirLocked, ValueError) as exc:
             print(f"facets bench build: error: {exc}", file=sys.stderr)
             return 2
     built = sum(report["built"].values())

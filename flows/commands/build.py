@@ -7,7 +7,6 @@ loopback simulator, which it starts itself and says so: simulated text, never re
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -16,9 +15,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from facets.flows.commands.config_file import read_config_file
+from facets.flows.commands.config_file import config_problem, read_config_file, section
+from facets.flows.commands.stopping import StopSignals, Stopped, quiet_prefect_logs, report_stop, start_shielded
 
-from facets.schemas.config import BuildConfig, RateLimits
+from facets.schemas.config import BuildConfig, RateLimits, config_error
 
 SIMULATOR_MODEL = "facets-sim"
 SIMULATOR_RPM = 3000  # the demo's simulated endpoint limit, unless --rpm says otherwise
@@ -54,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--push-to-hub", metavar="REPO", help="push a new release to this hub dataset repo (needs HF_TOKEN)")
     add("--train-after", action="store_true", default=None,
         help="start the train deployment (train/sft, or the config's `train.deployment`) on a new release")
+    add("--wait", action="store_true", dest="wait_for_lock", default=None,
+        help="another build holds the data dir: wait for it to end, then build (default: stop at once, naming it)")
     add("--quiet", action="store_true", help="no progress bar")
 
 
@@ -61,11 +63,11 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
     data = read_config_file(args.config)
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
                  "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after",
-                 "shard_deployment"):
+                 "shard_deployment", "wait_for_lock"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    endpoint = data.setdefault("endpoint", {})
-    limits = endpoint.setdefault("limits", {})
+    endpoint = section(data, "endpoint", args.config)
+    limits = section(endpoint, "limits", args.config, "endpoint.")
     for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
                               ("tpm", limits, "tpm"), ("max_in_flight", limits, "max_in_flight"),
                               ("share_via", limits, "share_via")):
@@ -85,6 +87,8 @@ def progress_bar(progress) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from facets.llm.errors import RunAborted
+    from facets.storage.errors import describe_storage_error, is_storage_error
+    from facets.storage.lease import DataDirLocked
     from facets.tasks.ingest import IngestError
     from facets.tasks.release import ReleasePushError
     from facets.tasks.sources import SourceError
@@ -92,16 +96,29 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args)
     except (ValidationError, ValueError, OSError) as exc:
-        print(f"facets build: bad config: {exc}", file=sys.stderr)
+        print(f"facets build: error: {config_problem(exc, args.config)}", file=sys.stderr)
         return 2
-    with ExitStack() as stack:
-        if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") or config.endpoint.base_url):
-            config = _with_simulator(config, stack)
-        try:
-            report = _build(config, quiet=args.quiet)
-        except (RunAborted, SourceError, IngestError, ReleasePushError, ValueError) as exc:
-            print(f"facets build: error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        with ExitStack() as stack:
+            stops = stack.enter_context(StopSignals(on_stop=quiet_prefect_logs))
+            if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") or config.endpoint.base_url):
+                config = _with_simulator(config, stack)
+            try:
+                report = _build(config, stops, quiet=args.quiet)
+            except DataDirLocked as exc:
+                hint = "" if config.wait_for_lock else "; `--wait` waits for it"
+                print(f"facets build: error: {exc}{hint}", file=sys.stderr)
+                return 2
+            except (RunAborted, SourceError, IngestError, ReleasePushError, ValueError) as exc:
+                print(f"facets build: error: {exc}", file=sys.stderr)
+                return 2
+    except Stopped as stop:  # SIGINT or SIGTERM: the calls in flight cancelled, the journal sealed
+        return report_stop(stop, "facets build", config.data_dir, new_line=not args.quiet)
+    except Exception as exc:  # a full disk, a read-only data dir: one line, not Prefect's traceback
+        if not is_storage_error(exc):
+            raise
+        print(f"facets build: error: {describe_storage_error(exc, config.data_dir)}", file=sys.stderr)
+        return 2
     _print_outcome(report, config)
     return 0 if report["accepted"] else 1
 
@@ -125,7 +142,7 @@ class _started:
         self.process = process
 
     def __enter__(self):
-        return self.process.start()
+        return start_shielded(self.process.start)  # stopped by this process, not by a Ctrl-C of its own
 
     def __exit__(self, *exc):
         self.process.stop()
@@ -139,7 +156,7 @@ class _WithoutTraceback(logging.Filter):
         return True
 
 
-def _build(config: BuildConfig, quiet: bool) -> dict:
+def _build(config: BuildConfig, stops: StopSignals, quiet: bool) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the embedded server needs more than Prefect's default 20 s to start on a busy small machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -150,7 +167,7 @@ def _build(config: BuildConfig, quiet: bool) -> dict:
     if not quiet:
         build.PROGRESS_LISTENERS.append(progress_bar)
     try:
-        return asyncio.run(build.build_collection(config))
+        return stops.run(build.build_collection(config))
     finally:
         if progress_bar in build.PROGRESS_LISTENERS:
             build.PROGRESS_LISTENERS.remove(progress_bar)

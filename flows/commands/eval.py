@@ -20,7 +20,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from facets.flows.commands.bench import no_endpoint, prefect_environment, run_flow, start_simulator
-from facets.flows.commands.config_file import read_config_file
+from facets.flows.commands.config_file import config_problem, read_config_file, section
+from facets.schemas.config import config_error
 
 
 def _common(add) -> None:
@@ -108,17 +109,17 @@ def load_config(args: argparse.Namespace):
     if args.action == "judge" and args.models:
         data["models"] = [{"name": label} for label in args.models]
     if args.action != "judge":
-        generation = data.setdefault("generation", {})
+        generation = section(data, "generation", args.config)
         for flag, key in (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
             _set(generation, key, getattr(args, flag))
     if args.action != "generate":
-        judge = data.setdefault("judge", {})
-        endpoint = judge.setdefault("endpoint", {})
+        judge = section(data, "judge", args.config)
+        endpoint = section(judge, "endpoint", args.config, "judge.")
         _set(endpoint, "model", args.judge_model)
         _set(endpoint, "base_url", args.judge_base_url)
         _set(endpoint, "max_cost", args.max_cost)
         if args.judge_rpm is not None:
-            endpoint.setdefault("limits", {})["rpm"] = args.judge_rpm
+            section(endpoint, "limits", args.config, "judge.endpoint.")["rpm"] = args.judge_rpm
         for flag, key in (("runs", "runs"), ("mode", "mode"), ("templates_dir", "templates_dir")):
             _set(judge, key, getattr(args, flag))
     return EvalConfig.model_validate(data)
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args)
     except (ValidationError, ValueError, OSError) as exc:
-        print(f"{name}: bad config: {exc}", file=sys.stderr)
+        print(f"{name}: error: {config_problem(exc, args.config)}", file=sys.stderr)
         return 2
     if args.action != "judge" and not config.models:
         print(f"{name}: name the model under test: --model NAME (with --base-url URL or --local-model PATH)", file=sys.stderr)

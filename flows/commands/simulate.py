@@ -19,6 +19,10 @@ from facets.llm.simulator import LISTENING, Simulator, SimulatorConfig
 def configure(parser: argparse.ArgumentParser) -> None:
     for name, field in SimulatorConfig.model_fields.items():
         default = field.get_default(call_default_factory=True)
+        if field.annotation is bool:  # a switch, off unless given
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
+                                help=field.description)
+            continue
         shown = default if default not in (None, (), {}) else "none"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
                             help=f"{field.description} (default: {shown})")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from facets.flows.commands.config_file import read_config_file
+from facets.flows.commands.config_file import config_problem, read_config_file
 
 # flag -> TrainConfig field, for the overrides a user types most
 OVERRIDES = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "batch_size": "batch_size",
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from(args)
     except (ValueError, ValidationError, OSError) as error:
-        print(f"facets train: {_one_line(error)}", file=sys.stderr)
+        print(f"facets train: {config_problem(error, args.config)}", file=sys.stderr)
         return 2
     from facets.flows.train import train
 
@@ -89,9 +89,3 @@ def run(args: argparse.Namespace) -> int:
           f"{lengths['too_long']} longer than {lengths['max_length']} tokens left out")
     print(f"model: {result['output_dir']}  (beside it: train_summary.json, metrics.jsonl, loss_curve.png)")
     return 0
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-    return str(error)

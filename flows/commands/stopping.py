@@ -1,0 +1,224 @@
+"""Clean stops of a command that runs a flow in-process: SIGINT (Ctrl-C) and SIGTERM cancel the flow's
+asyncio task, so the flow's own cleanup runs (calls in flight cancelled, the journal sealed) and the
+command prints one line instead of a traceback.
+
+Prefect turns SIGTERM into a `TerminationSignal` raised wherever the main thread happens to be (its
+bridge is installed by each flow run in the main thread), and Ctrl-C reaches the whole process group:
+the embedded Prefect server died with it, and the flow then spent minutes retrying to report its crash
+to it. So the flow runs on a worker thread, where Prefect installs no bridge, and the main thread keeps
+the signals: it cancels the flow's task and waits `GRACE_S` for it to end. Processes this command
+starts (the loopback simulator, the embedded server) are started with SIGINT blocked: a Ctrl-C stops
+them through this process, after the flow has reported its end, not before.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# the flow's cleanup gets this long after a signal: within it a stop is clean (journal sealed, server told);
+# past it, or at a second signal, the command exits anyway (what the journal holds is safe from any exit)
+GRACE_S = 7.0
+CHILD_STOP_S = 2.0
+
+
+class Stopped(Exception):
+    """The command was stopped by a signal; `clean`: the flow's own cleanup ran to its end."""
+
+    def __init__(self, signum: int, clean: bool):
+        self.signum, self.clean = signum, clean
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """For the length of a command (`with StopSignals() as stops:`), SIGINT and SIGTERM stop it instead of
+    raising where the main thread happens to be. `stops.run(main)` is `asyncio.run(main)` on a worker thread;
+    a signal cancels its task, and `Stopped` is raised once it has ended, or `GRACE_S` after the signal (at
+    once on a second one). A signal that comes before, while the command starts, stops it at `run`.
+    `on_stop` runs in the main thread at the first signal (e.g. to quiet the logs of the runs it cancels)."""
+
+    def __init__(self, on_stop: Callable[[], None] | None = None):
+        self.on_stop = on_stop
+        self.signum: int | None = None
+        self.runner: _Runner | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        if self.signum is not None:
+            main.close()
+            raise Stopped(self.signum, clean=True)
+        self.runner = _Runner(main)
+        self.runner.thread.start()
+        self.runner.wait()
+        return self.runner.outcome(self.signum)
+
+    def _handle(self, signum: int, frame: Any = None) -> None:
+        if self.signum is not None:  # a second signal: stop waiting for the cleanup
+            if self.runner is not None:
+                self.runner.deadline = 0.0
+            return
+        self.signum = signum
+        if self.runner is not None:
+            self.runner.cancel()
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+def start_shielded(start: Callable[[], T]) -> T:
+    """`start()` on a thread that blocks SIGINT: the processes it starts inherit the blocked signal, so a
+    Ctrl-C at the terminal (sent to the whole process group) stops them only through this process."""
+    box: dict[str, Any] = {}
+
+    def shielded() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            box["value"] = start()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=shielded, name="facets-start", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def quiet_prefect_logs() -> None:
+    """After a stop, Prefect's console says nothing more: each run it cancels would log a crash."""
+    for handler in logging.getLogger().handlers:  # Prefect's console handler is the root logger's
+        handler.addFilter(lambda record: not record.name.startswith("prefect"))
+
+
+def journaled_calls(data_dir: str, within_s: float = 3.0) -> int | None:
+    """How many calls the data dir's journal holds (a rerun pays for none of them); None when that cannot
+    be told within `within_s` (a large journal on an object store)."""
+    from facets.llm.journal import Journal
+    from facets.storage.store import open_fs
+
+    box: dict[str, int] = {}
+
+    def count() -> None:
+        try:
+            fs, root = open_fs(data_dir)
+            if not fs.exists(f"{root.rstrip('/')}/journal"):
+                box["calls"] = 0
+                return
+            with Journal(data_dir) as journal:
+                box["calls"] = len(journal)
+        except Exception:  # a count is a courtesy: the line goes out without it
+            pass
+
+    thread = threading.Thread(target=count, name="facets-count", daemon=True)
+    thread.start()
+    thread.join(within_s)
+    return box.get("calls")
+
+
+def report_stop(stop: Stopped, command: str, data_dir: str, new_line: bool = False) -> int:
+    """The one line of a stopped command (`new_line`: after a progress bar's line); its exit code, or no
+    return when the flow's cleanup did not end in time (see `exit_now`)."""
+    calls = journaled_calls(data_dir)
+    journaled = "the calls made are journaled" if calls is None else f"{calls} calls journaled"
+    print(f"{chr(10) if new_line else ''}{command}: {stop}; {journaled}, rerun the same command to resume",
+          file=sys.stderr)
+    if not stop.clean:
+        exit_now(stop.exit_code)
+    return stop.exit_code
+
+
+def exit_now(code: int) -> None:
+    """Leave at once, for a stop whose flow did not end within its grace: the child processes are stopped
+    (terminated, killed after `CHILD_STOP_S`) and no exit handler waits on the flow's threads."""
+    import psutil
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=CHILD_STOP_S)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os._exit(code)
+
+
+class _Runner:
+    """One coroutine run by `asyncio.run` on a daemon thread, cancellable from the main thread."""
+
+    def __init__(self, main: Coroutine[Any, Any, Any]):
+        self.main = main
+        self.thread = threading.Thread(target=self._work, name="facets-flow", daemon=True)
+        self.ended = threading.Event()
+        self.lock = threading.RLock()  # reentrant: a signal handler may interrupt the main thread holding it
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
+        self.cancelled = False
+        self.deadline = float("inf")
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def _work(self) -> None:
+        # the processes the flow starts from here (Prefect's embedded server) leave Ctrl-C to this process
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.value = asyncio.run(self._run())
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    async def _run(self) -> Any:
+        with self.lock:
+            self.loop, self.task = asyncio.get_running_loop(), asyncio.current_task()
+            if self.cancelled:  # cancelled before the loop ran
+                self.task.cancel()
+        return await self.main
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled, self.deadline = True, time.monotonic() + GRACE_S
+            if self.loop is not None:
+                try:
+                    self.loop.call_soon_threadsafe(self.task.cancel)
+                except RuntimeError:  # the loop closed meanwhile: the run has ended
+                    pass
+
+    def wait(self) -> None:
+        while not self.ended.wait(0.2):  # a timed wait lets the signal handler run promptly
+            if time.monotonic() >= self.deadline:
+                return
+
+    def outcome(self, signum: int | None) -> Any:
+        if signum is not None and not (self.ended.is_set() and self.error is None):
+            raise Stopped(signum, clean=self.ended.is_set())
+        if self.error is not None:
+            raise self.error
+        return self.value
