@@ -59,7 +59,7 @@ def retry_unless_aborted(task_, task_run, state) -> bool:
     the retry would pay again for the calls whose replies could not be journaled."""
     from facets.storage.errors import is_storage_error
 
-    return not isinstance(state.data, RunAborted)  # TEMPCHECK
+    return not isinstance(state.data, RunAborted) and not is_storage_error(state.data)
 
 
 @task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.name}", retry_delay_seconds=2)

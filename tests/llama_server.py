@@ -90,7 +90,7 @@ class LlamaServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "LlamaServer":
-        command = [str(self.python), "-I", "-m", "llama_cpp.server", "--model", str(gguf_path(self.python)),
+        command = [str(self.python), "-I", "-u", "-m", "llama_cpp.server", "--model", str(gguf_path(self.python)),
                    "--model_alias", MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(self.port),
                    "--n_ctx", str(self.n_ctx)]
         with open(self.log_path, "wb") as log:

@@ -261,13 +261,14 @@ def test_a_base_url_with_credentials_is_refused_without_echoing_them(monkeypatch
     assert SECRET not in str(refused.value)
 
 
-def test_facets_build_names_credentials_in_openai_base_url_in_one_line(tmp_path):
+@pytest.mark.parametrize("command", [["build", "--data-dir", "{tmp}"], ["estimate", "--limit", "10"]])
+def test_facets_commands_name_credentials_in_openai_base_url_in_one_line(command, tmp_path):
     env = {**os.environ, "OPENAI_BASE_URL": f"http://someone:{SECRET}@127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-x"}
-    done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--data-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "facets.flows.cli", *(a.format(tmp=tmp_path) for a in command)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("facets build: bad config: ")
+    assert len(lines) == 1 and lines[0].startswith(f"facets {command[0]}: error: ")
     assert "OPENAI_BASE_URL must not carry credentials" in lines[0] and "OPENAI_API_KEY" in lines[0]
     assert SECRET not in done.stderr + done.stdout
 

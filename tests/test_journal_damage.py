@@ -298,8 +298,9 @@ def prefect_server():
 
 
 def build_config(sim_url: str, data_dir: Path, **overrides):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_build import config
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    from test_build import config  # the end-to-end tests' build config
 
     return config(sim_url, data_dir, **overrides)
 
@@ -337,12 +338,14 @@ def test_rebuild_with_a_cut_journal_segment_asks_only_the_lost_calls_again(tmp_p
         first = stage_rows(built)
         drop_stage_rows(built)
         shutil.copytree(built, control)  # the same rebuild from a whole journal: what a rebuild asks anyway
-        [damaged] = [p for p in (built / "journal" / "segments").iterdir() if p.suffix == ".jsonl"]
+        damaged = max((p for p in (built / "journal" / "segments").iterdir() if p.suffix == ".jsonl"),
+                      key=lambda p: p.stat().st_size)
         keys = [orjson.loads(line)["key"] for line in damaged.read_bytes().splitlines()]
         spans = line_spans(damaged)
         cut = len(spans) // 2
         os.truncate(damaged, spans[cut][0] + 50)  # mid-line: this line and every one after it are lost
         lost = len(keys) - cut
+        assert lost > 0
 
         before = sim.stats()
         build(build_config(sim.base_url, control, limit=4))

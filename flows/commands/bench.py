@@ -17,7 +17,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from facets.flows.commands.config_file import config_problem, read_config_file, section
-from facets.schemas.config import config_error
 
 SIMULATOR_MODEL = "facets-sim"
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from facets.flows.commands.config_file import config_problem, read_config_file, section
 from facets.flows.commands.stopping import StopSignals, Stopped, quiet_prefect_logs, report_stop, start_shielded
 
-from facets.schemas.config import BuildConfig, RateLimits, config_error
+from facets.schemas.config import BuildConfig, RateLimits
 
 SIMULATOR_MODEL = "facets-sim"
 SIMULATOR_RPM = 3000  # the demo's simulated endpoint limit, unless --rpm says otherwise

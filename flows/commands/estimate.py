@@ -7,7 +7,11 @@ the request bound (calls / RPM) and the token bound (tokens / TPM): a build cann
 from __future__ import annotations
 
 import argparse
+import sys
 
+from pydantic import ValidationError
+
+from facets.flows.commands.config_file import config_problem
 from facets.llm.gateway import json_schema_format
 from facets.llm.pricing import BATCH_DISCOUNT, PriceTable
 from facets.llm.tokens import TokenEstimator
@@ -52,8 +56,12 @@ def estimate(config: BuildConfig) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = BuildConfig(limit=args.limit, sets_per_instruction=args.sets, mode=args.mode, templates_dir=args.templates_dir,
-                         endpoint={"model": args.model, "limits": {"rpm": args.rpm, "tpm": args.tpm}})
+    try:  # the endpoint reads OPENAI_BASE_URL, which may be refused (credentials in it)
+        config = BuildConfig(limit=args.limit, sets_per_instruction=args.sets, mode=args.mode, templates_dir=args.templates_dir,
+                             endpoint={"model": args.model, "limits": {"rpm": args.rpm, "tpm": args.tpm}})
+    except ValidationError as exc:
+        print(f"facets estimate: error: {config_problem(exc, None)}", file=sys.stderr)
+        return 2
     rows = estimate(config)
     prices = PriceTable(config.endpoint.prices)
     total_cost: float | None = 0.0

@@ -21,7 +21,6 @@ from pydantic import ValidationError
 
 from facets.flows.commands.bench import no_endpoint, prefect_environment, run_flow, start_simulator
 from facets.flows.commands.config_file import config_problem, read_config_file, section
-from facets.schemas.config import config_error
 
 
 def _common(add) -> None:

@@ -1,14 +1,15 @@
 """Clean stops of a command that runs a flow in-process: SIGINT (Ctrl-C) and SIGTERM cancel the flow's
-asyncio task, so the flow's own cleanup runs (calls in flight cancelled, the journal sealed) and the
-command prints one line instead of a traceback.
+asyncio task, so the flow's own cleanup runs (calls in flight cancelled, the journal sealed), and the
+command prints one line instead of a traceback and exits with 128 + the signal's number.
 
-Prefect turns SIGTERM into a `TerminationSignal` raised wherever the main thread happens to be (its
-bridge is installed by each flow run in the main thread), and Ctrl-C reaches the whole process group:
-the embedded Prefect server died with it, and the flow then spent minutes retrying to report its crash
-to it. So the flow runs on a worker thread, where Prefect installs no bridge, and the main thread keeps
-the signals: it cancels the flow's task and waits `GRACE_S` for it to end. Processes this command
-starts (the loopback simulator, the embedded server) are started with SIGINT blocked: a Ctrl-C stops
-them through this process, after the flow has reported its end, not before.
+Each Prefect flow run in the main thread installs a SIGTERM handler that raises `TerminationSignal`
+wherever that thread happens to be (a crash, not a cancellation: `on_cancellation` hooks do not run), and
+a Ctrl-C reaches the whole process group: the embedded Prefect server died with it, and the flow then
+spent minutes retrying to report its crash there. So the flow runs on a worker thread, where Prefect
+installs no handler, and the main thread keeps the signals: it cancels the flow's task and waits
+`GRACE_S` for it to end. The processes the command starts (the loopback simulator, the embedded server)
+are started with SIGINT blocked, so a Ctrl-C stops them through this process, after the flow has
+reported its end; then the command leaves without Prefect's exit handlers (`exit_now`).
 """
 from __future__ import annotations
 
@@ -20,21 +21,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# the flow's cleanup gets this long after a signal: within it a stop is clean (journal sealed, server told);
-# past it, or at a second signal, the command exits anyway (what the journal holds is safe from any exit)
-GRACE_S = 7.0
+# the flow's cleanup gets this long after a signal (it takes a second or two): past it, or at a second
+# signal, the command exits anyway; what the journal holds is safe from any exit, and the next run seals it
+GRACE_S = 6.0
 CHILD_STOP_S = 2.0
 
 
 class Stopped(Exception):
-    """The command was stopped by a signal; `clean`: the flow's own cleanup ran to its end."""
+    """The command was stopped by a signal."""
 
-    def __init__(self, signum: int, clean: bool):
-        self.signum, self.clean = signum, clean
+    def __init__(self, signum: int):
+        self.signum = signum
         self.name = signal.Signals(signum).name
         super().__init__(f"stopped by {self.name}")
 
@@ -62,12 +63,14 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            # once stopped, the command is on its way out (its children stopped, its line printed): another
+            # Ctrl-C would only break that with a KeyboardInterrupt
+            signal.signal(signum, signal.SIG_IGN if self.signum is not None else handler)
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         if self.signum is not None:
             main.close()
-            raise Stopped(self.signum, clean=True)
+            raise Stopped(self.signum)
         self.runner = _Runner(main)
         self.runner.thread.start()
         self.runner.wait()
@@ -111,7 +114,7 @@ def quiet_prefect_logs() -> None:
         handler.addFilter(lambda record: not record.name.startswith("prefect"))
 
 
-def journaled_calls(data_dir: str, within_s: float = 3.0) -> int | None:
+def journaled_calls(data_dir: str, within_s: float = 2.0) -> int | None:
     """How many calls the data dir's journal holds (a rerun pays for none of them); None when that cannot
     be told within `within_s` (a large journal on an object store)."""
     from facets.llm.journal import Journal
@@ -136,21 +139,21 @@ def journaled_calls(data_dir: str, within_s: float = 3.0) -> int | None:
     return box.get("calls")
 
 
-def report_stop(stop: Stopped, command: str, data_dir: str, new_line: bool = False) -> int:
-    """The one line of a stopped command (`new_line`: after a progress bar's line); its exit code, or no
-    return when the flow's cleanup did not end in time (see `exit_now`)."""
+def report_stop(stop: Stopped, command: str, data_dir: str, new_line: bool = False) -> NoReturn:
+    """Print the one line of a stopped command (`new_line`: after a progress bar's line) and exit with the
+    signal's code (see `exit_now`)."""
     calls = journaled_calls(data_dir)
     journaled = "the calls made are journaled" if calls is None else f"{calls} calls journaled"
     print(f"{chr(10) if new_line else ''}{command}: {stop}; {journaled}, rerun the same command to resume",
           file=sys.stderr)
-    if not stop.clean:
-        exit_now(stop.exit_code)
-    return stop.exit_code
+    exit_now(stop.exit_code)
 
 
-def exit_now(code: int) -> None:
-    """Leave at once, for a stop whose flow did not end within its grace: the child processes are stopped
-    (terminated, killed after `CHILD_STOP_S`) and no exit handler waits on the flow's threads."""
+def exit_now(code: int) -> NoReturn:
+    """Leave at once after a stop: the child processes are stopped (terminated, killed after `CHILD_STOP_S`)
+    and no exit handler runs. Prefect's would wait on a flow that did not end within its grace, and send
+    its last logs to the embedded server, retrying for minutes when a signal to the whole process group
+    stopped that server already."""
     import psutil
 
     sys.stdout.flush()
@@ -218,7 +221,7 @@ class _Runner:
 
     def outcome(self, signum: int | None) -> Any:
         if signum is not None and not (self.ended.is_set() and self.error is None):
-            raise Stopped(signum, clean=self.ended.is_set())
+            raise Stopped(signum)
         if self.error is not None:
             raise self.error
         return self.value
