@@ -137,6 +137,7 @@ def apply_env(server: S3Server) -> dict[str, str | None]:
     """Point this process at `server`; returns the previous values, for `restore_env`."""
     previous = {name: os.environ.get(name) for name in server.env()}
     os.environ.update(server.env())
+    _forget_filesystems()
     return previous
 
 
@@ -146,3 +147,12 @@ def restore_env(previous: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    _forget_filesystems()
+
+
+def _forget_filesystems() -> None:
+    """fsspec keeps filesystems by their arguments, not by the environment they read: one made for an
+    earlier server would keep calling it."""
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()

@@ -116,5 +116,5 @@ def test_eval_run_generates_with_llama_cpp_server_and_ends_by_itself(llama_serve
     assert chat_calls(llama_server).get("200", 0) - before == 1, "one bench item, one generation"
     responses = parquet_rows(next((data / "evals").glob("*/responses")))
     assert [r["model"] for r in responses] == [MODEL_ALIAS]
-    assert responses[0]["response"].strip()
+    assert responses[0]["text"].strip() and responses[0]["finish_reason"] in ("stop", "length")
     assert f"| {MODEL_ALIAS} |" in done.stdout
