@@ -15,7 +15,8 @@ import time
 from pydantic import BaseModel
 
 from facets.llm.dialects import DIALECTS, describe
-from facets.llm.errors import BadRequest, CallError, EndpointUnreachable, FatalEndpointError, MissingCredentials
+from facets.llm.errors import (BadRequest, CallError, EndpointUnreachable, FatalEndpointError, MissingCredentials,
+                               TooManyFailures)
 from facets.llm.gateway import SIMULATOR_HINT, UNREACHABLE, Call, Gateway, Rejected, endpoint_transport
 from facets.llm.journal import Journal
 from facets.schemas.config import EndpointConfig, Sampling
@@ -139,8 +140,11 @@ def _probe_call(gateway: Gateway, model: str) -> Call:
 
 async def _probe(gateway: Gateway, call: Call) -> str | None:
     """None when the reply is valid JSON of the probe's schema (then journaled), else what came back, in
-    a few words. Passing faults are retried as any call's; a 401/403/404 raises as any call's."""
-    retries = gateway.endpoint.retries
+    a few words. Passing faults are retried as any call's, for `stall_s` at most; a probe they never let
+    through is the endpoint failing, not the dialect: the run stops there (429s without end, 5xx, bodies that
+    are not JSON), before any paid work. A 401/403/404 raises as any call's."""
+    endpoint, retries = gateway.endpoint, gateway.endpoint.retries
+    first = time.monotonic()
     for attempt in range(1, retries.max_attempts + 1):
         started = time.perf_counter()
         try:
@@ -148,14 +152,15 @@ async def _probe(gateway: Gateway, call: Call) -> str | None:
         except BadRequest as exc:  # 4xx, or a 5xx that says the request is invalid: this dialect is refused
             return _in_words(exc)
         except CallError as exc:
-            if attempt < retries.max_attempts:
-                backoff = min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempt - 1))
-                await asyncio.sleep(max(exc.retry_after or 0.0, backoff))
+            backoff = max(exc.retry_after or 0.0, min(retries.backoff_max_s, retries.backoff_initial_s * 2 ** (attempt - 1)))
+            if attempt < retries.max_attempts and time.monotonic() + backoff - first < endpoint.stall_s:
+                await asyncio.sleep(backoff)
                 continue
             if exc.reason in UNREACHABLE:
                 raise EndpointUnreachable(f"{gateway.url} could not be reached after {attempt} attempts ({exc}); "
                                           f"check OPENAI_BASE_URL, {SIMULATOR_HINT}") from None
-            return _in_words(exc)
+            raise TooManyFailures(f"stopped before any paid work: {gateway.url} answered all {attempt} tries of a "
+                                  f"one-call probe in {time.monotonic() - first:.0f} s with {_in_words(exc)}") from None
         try:
             value = gateway.judge(call, reply)
         except Rejected as exc:

@@ -173,3 +173,19 @@ def test_a_build_stopped_early_keeps_every_failure_with_its_raw_output(tmp_path,
     assert failures and all(f["raw_output"] for f in failures)
     assert 3 * len(failures) <= paid  # each failed call: asked, then repaired twice
     assert not list((tmp_path / "failures" / "live").glob("*.jsonl"))  # written, not left live
+
+
+@pytest.mark.parametrize("status, body, reason", [
+    (429, b'{"error": {"message": "Rate limit reached"}}', "rate_limited"),
+    (200, b"<html>upstream gateway hiccup</html>", "malformed_reply"),
+])
+def test_an_endpoint_that_fails_every_call_stops_at_the_preflight_probe_within_the_stall_time(status, body, reason):
+    from facets.llm.preflight import choose_structured_output
+
+    with endpoint_that(status, body, {"retry-after": "1"}) as server:
+        started = time.monotonic()
+        with pytest.raises(TooManyFailures) as caught:
+            asyncio.run(choose_structured_output(gateway_config(server["url"]), ["m"]))
+        took = time.monotonic() - started
+    assert "before any paid work" in str(caught.value) and reason in str(caught.value)
+    assert took < STALL_S + 3 and server["requests"] <= RETRIES.max_attempts  # one dialect's probe, not four

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,9 +40,11 @@ BUILD_CONFIG = {
 }
 
 
-def facets(args: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
-    """The CLI in a process group of its own; past the timeout the whole group is killed and the test fails."""
+def facets(args: list[str], env: dict, timeout_s: float, log: Path) -> subprocess.CompletedProcess:
+    """The CLI in a process group of its own; past the timeout the whole group is killed and the test fails.
+    What it printed, its exit status and wall time are kept in `log` (the numbers a reader of a slow run wants)."""
     command = [sys.executable, "-m", "facets.flows.cli", *args]
+    started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -50,6 +53,7 @@ def facets(args: list[str], env: dict, timeout_s: float) -> subprocess.Completed
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         pytest.fail(f"`facets {args[0]}` did not end within {timeout_s} s:\n{err[-3000:]}")
+    log.write_text(f"exit {process.returncode} after {time.monotonic() - started:.1f} s\n{out}\n{err}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
@@ -78,21 +82,23 @@ def test_build_against_llama_cpp_server_picks_json_object_and_ends_by_itself(lla
     config = tmp_path / "build.json"
     config.write_text(json.dumps(BUILD_CONFIG))
     env = environment(OPENAI_BASE_URL=llama_server.base_url, OPENAI_API_KEY="sk-local")
+    before = chat_calls(llama_server)
     done = facets(["build", "--source", NECTAR, "--limit", "1", "--shard-size", "1", "--sets", "2",
                    "--model", MODEL_ALIAS, "--max-in-flight", "2", "--data-dir", str(data), "--config", str(config),
-                   "--quiet"], env, BUILD_TIMEOUT_S)
+                   "--quiet"], env, BUILD_TIMEOUT_S, tmp_path / "build.log")
     output = done.stdout + done.stderr
     assert "Traceback" not in output, output[-3000:]
     assert "structured output: json_object" in output, output[-3000:]
-    calls = chat_calls(llama_server)
-    assert calls.get("500", 0) >= 1, f"the json_schema probe was refused by the server: {calls}"
+    calls = {status: n - before.get(status, 0) for status, n in chat_calls(llama_server).items()}
+    assert calls.get("500") == 1, f"only the json_schema probe was refused, no stage call used it: {calls}"
     assert calls.get("200", 0) >= 2, f"the json_object probe and stage calls reached the server: {calls}"
     trees = parquet_rows(data / "stages" / "preference_trees")
     if done.returncode == 0:
         assert "accepted 1 of 1 instructions" in done.stdout
         assert trees, "an accepted instruction has its preference tree"
     else:  # the model failed the checks: an early stop, said in one line
-        assert len(error_lines(done.stderr, "build")) == 1, done.stderr[-3000:]
+        errors = error_lines(done.stderr, "build")
+        assert len(errors) == 1 and "stopped early" in errors[0], done.stderr[-3000:]
         assert parquet_rows(data / "failures"), "the rejected replies are kept with their reasons"
     for tree in trees:  # made by the model, through the json_object dialect, and valid
         assert tree["model"] == MODEL_ALIAS
@@ -106,12 +112,12 @@ def test_eval_run_generates_with_llama_cpp_server_and_ends_by_itself(llama_serve
     data = tmp_path / "data"
     # the bench's own stages on the loopback simulator (no endpoint set): the model under test is the server
     bench = facets(["bench", "build", "--source", MT_BENCH, "--per-benchmark", "1", "--data-dir", str(data)],
-                   environment(), EVAL_TIMEOUT_S)
+                   environment(), EVAL_TIMEOUT_S, tmp_path / "bench.log")
     assert bench.returncode == 0, bench.stderr[-3000:]
     before = chat_calls(llama_server).get("200", 0)
     done = facets(["eval", "run", "--data-dir", str(data), "--limit", "1", "--model", MODEL_ALIAS,
                    "--base-url", llama_server.base_url, "--max-tokens", "128", "--max-in-flight", "2", "--runs", "1"],
-                  environment(), EVAL_TIMEOUT_S)
+                  environment(), EVAL_TIMEOUT_S, tmp_path / "eval.log")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert chat_calls(llama_server).get("200", 0) - before == 1, "one bench item, one generation"
     responses = parquet_rows(next((data / "evals").glob("*/responses")))
