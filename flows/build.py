@@ -1,7 +1,7 @@
 """The `build-collection` flow: ingest, then trees -> sets -> system messages -> responses -> pairs per shard,
 then a release.
 
-Prefect sees one task run per (stage, shard), never one per LLM call (DESIGN principle 4): inside a task
+Prefect sees one task run per (stage, shard), never one per LLM call (docs/ARCHITECTURE.md, principles 4): inside a task
 one event loop drives hundreds of calls through the gateway. Shards run concurrently, each through its
 stages in order, so no stage waits for the slowest shard of the one before. A crashed (stage, shard)
 is retried by Prefect and resumes from the stored rows and the journal; conditions that would fail

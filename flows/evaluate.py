@@ -1,7 +1,7 @@
 """The `build-bench` and `evaluate` flows: the Multifaceted Bench, then models generating on it and a judge.
 
 `build-bench` reads the five benchmarks' prompts, leaves out those already in a training release, and
-runs them through the build's own stages (DESIGN decision 11) with one preference set per item: a
+runs them through the build's own stages (docs/ARCHITECTURE.md, decision 11) with one preference set per item: a
 preference tree, the set, a system message and a gold response (the reference answer); then its own
 stage, one rubric per preference. Items with all their rows become `releases/<version>/bench/`.
 

@@ -1,4 +1,4 @@
-"""Every LLM call of the factory goes through here (DESIGN principles 2, 3 and 5).
+"""Every LLM call of the factory goes through here (docs/ARCHITECTURE.md, principles 2, 3 and 5).
 
 A call is answered from the journal when its key is there; otherwise it waits for the shared limiter,
 reserves its worst-case cost, is sent with tenacity retries that honour `Retry-After`, is checked

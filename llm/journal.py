@@ -1,4 +1,4 @@
-"""The LLM call journal: never pay twice (DESIGN principle 2, decision 4).
+"""The LLM call journal: never pay twice (docs/ARCHITECTURE.md, principle 2, decision 4).
 
 Every successful call is appended as one JSON line to this writer's *live* file before the call
 counts as done. Every `seal_interval_s` (and at `seal()` / `close()`) the live file becomes an

@@ -2,7 +2,7 @@
 
 Redis holds the endpoint's buckets (requests, tokens, input and output tokens), refilled at the
 configured rates up to SHARED_BURST of `burst_s` of them (the endpoint's own hold all of it). No process
-pays a round trip per call (DESIGN decision 14): its limiter queues calls against local buckets that go
+pays a round trip per call (docs/ARCHITECTURE.md, decision 14): its limiter queues calls against local buckets that go
 into debt (llm/limiter.py), and a thread of the process pays that debt from Redis every LEASE_S, in one atomic
 script for all the buckets, at most LEASE_MAX_S of the whole rate at a time, and nothing while it holds
 its part of UNSENT_ALL_S paid for and not sent (its calls wait for another bucket or a busy event loop:

@@ -130,7 +130,7 @@ class StageSettings(Config):
 
 
 def _default_stages() -> dict[str, StageSettings]:
-    # DESIGN decision 9: the paper published none for these stages; trees and system messages 2048, responses 4096
+    # docs/ARCHITECTURE.md, decision 9: the paper published none for these stages; trees and system messages 2048, responses 4096
     return {
         "preference_trees": StageSettings(sampling=Sampling(max_tokens=2048)),
         "system_messages": StageSettings(sampling=Sampling(max_tokens=2048)),
@@ -168,7 +168,7 @@ class BuildConfig(Config):
     """Everything a `build-collection` run needs; the CLI flags and the deployment parameters mirror it."""
 
     sources: list[str] = Field(default_factory=list, description="NAME=PATH_OR_HUB_ID, ingested before the build")
-    limit: int | None = Field(None, ge=1, description="accepted instructions wanted (DESIGN decision 8); None = all")
+    limit: int | None = Field(None, ge=1, description="accepted instructions wanted (docs/ARCHITECTURE.md, decision 8); None = all")
     seed: int = 0
     shard_size: int = Field(256, gt=0, description="instructions per shard, roughly (shards are bucket ranges)")
     sets_per_instruction: int = Field(3, ge=2, le=8)

@@ -1,6 +1,6 @@
 """Stable identities: instruction ids, shard buckets and content fingerprints.
 
-DESIGN decision 2: an instruction's id is a hash of its normalised text, and the rule's version is part
+docs/ARCHITECTURE.md, decision 2: an instruction's id is a hash of its normalised text, and the rule's version is part
 of the id. Changing the rule re-keys every row of every stage, so it is versioned, never edited.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def bucket_of(instruction_id: str) -> int:
 
 
 def fingerprint(*parts: object) -> str:
-    """Hash of a stage's inputs, prompt version, model and parameters (DESIGN principle 1)."""
+    """Hash of a stage's inputs, prompt version, model and parameters (docs/ARCHITECTURE.md, principles 1)."""
     payload = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=_jsonable)
     return hashlib.sha256(payload).hexdigest()[:32]
 

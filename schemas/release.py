@@ -75,7 +75,7 @@ class Rubric(ReleaseRow):
 
 
 class BenchRow(ReleaseRow):
-    """`Multifaceted-Bench`: `source` is the finest label the benchmark gives (DESIGN decision 11)."""
+    """`Multifaceted-Bench`: `source` is the finest label the benchmark gives (docs/ARCHITECTURE.md, decision 11)."""
 
     source: str
     preference_set: list[Preference] = Field(min_length=4, max_length=4)

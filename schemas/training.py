@@ -1,4 +1,4 @@
-"""Configuration of a training run: the paper's recipe per method (DESIGN.md) unless a field overrides it."""
+"""Configuration of a training run: the paper's recipe per method (docs/ARCHITECTURE.md) unless a field overrides it."""
 from __future__ import annotations
 
 from typing import Literal

@@ -1,6 +1,6 @@
 """The data directory: immutable Parquet files per stage, written atomically, read as Arrow or Polars.
 
-Layout (DESIGN.md): stages/<stage>/*.parquet, failures/*.parquet, releases/<version>/<name>/*.parquet.
+Layout (docs/ARCHITECTURE.md): stages/<stage>/*.parquet, failures/*.parquet, releases/<version>/<name>/*.parquet.
 The root is a local path or an fsspec URI. A file is never appended to in place (decision 5): a local
 write goes to a hidden temporary name and is renamed; an object store gets one PUT per file.
 

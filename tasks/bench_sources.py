@@ -8,7 +8,7 @@
 | mt_bench | `question.jsonl` | `turns[0]` (first turn only) | `mt-bench` |
 | self_instruct | `user_oriented_instructions.jsonl` | `instruction`, plus `"\\n\\n" + input` when given | `self-instruct` |
 
-`source` is the finest label a benchmark gives (DESIGN decision 11). The benchmarks share prompts
+`source` is the finest label a benchmark gives (docs/ARCHITECTURE.md, decision 11). The benchmarks share prompts
 (AlpacaEval holds all of Self-Instruct and most of Koala; FLASK holds Koala's), so a prompt found in
 several is kept once, by the most specific benchmark: self_instruct, koala, mt_bench, flask, then
 alpaca_eval. Prompts are compared loosely for that (normalised, case-folded, FLASK's `Input:` joins

@@ -1,6 +1,6 @@
 """Stage 5: chosen = the gold response for set k, rejected = that for another set j != k (seeded, no LLM).
 
-k is also the set of the `small` release (DESIGN.md, pairs).
+k is also the set of the `small` release (docs/ARCHITECTURE.md, data flow).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 fingerprint) and joins them in DuckDB against the stage tables, which may also hold rows of earlier
 builds (other fingerprints) and rows written twice by a retried shard: exactly one row per expected key
 is taken, the rest ignored and counted. An instruction is released only when its pair and all its sets,
-system messages and responses are present (DESIGN decision 8); any other is left out and counted.
+system messages and responses are present (docs/ARCHITECTURE.md, decision 8); any other is left out and counted.
 
 The datasets are built as Arrow in SQL and streamed to Parquet in fixed row groups, sorted by instruction
 id and set index, so their bytes depend on their content only. The version is a hash of those bytes
@@ -209,7 +209,7 @@ def _select(con: duckdb.DuckDBPyConnection, scans: dict[str, str]) -> None:
 
 def _selection_digest(con: duckdb.DuckDBPyConnection, seed: int, test_fraction: float) -> str:
     """What decides the datasets' content, cheaper than the content itself: the complete instructions' rows
-    of the build by fingerprint (a fingerprint fixes a row's content, DESIGN principle 1), their sources,
+    of the build by fingerprint (a fingerprint fixes a row's content, docs/ARCHITECTURE.md, principle 1), their sources,
     the split parameters and the layout version. Equal digests give equal datasets, so a no-op rebuild
     finds its release without rewriting it. Each part is hashed as its lines stream out of a sort, which
     DuckDB spills: one string of every line would not (at 65k instructions, more than a 256 MB limit)."""

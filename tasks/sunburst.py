@@ -3,7 +3,7 @@
 `sunburst_nodes` aggregates the preference sets in DuckDB (hundreds of thousands of free-text
 preferences never become Python objects); the pictures show the most frequent subdimensions of each
 dimension and the most frequent preferences of each subdimension, the rest gathered under "other".
-The HTML inlines plotly.js, so it works offline (DESIGN decision 16); the PNG comes from matplotlib.
+The HTML inlines plotly.js, so it works offline (docs/ARCHITECTURE.md, decision 16); the PNG comes from matplotlib.
 """
 from __future__ import annotations
 

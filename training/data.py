@@ -1,6 +1,6 @@
 """A release subset as TRL rows: located, checked for its layout, formatted, tokenised and filtered by length.
 
-Training reads the release as published (DESIGN decision 12) and writes the prompt itself, because TRL
+Training reads the release as published (docs/ARCHITECTURE.md, decision 12) and writes the prompt itself, because TRL
 would drop the `system` column. Rows are tokenised here, not by TRL: TRL tokenises text with its special
 tokens parsed, so an instruction quoting `</s>` or `<s>` would train on a real EOS or BOS mid-prompt.
 Here the format's markers (BOS, EOS, a chat template's own tokens) are the only special tokens; a row's
@@ -74,7 +74,7 @@ def check_layout(files: list[Path], method: str) -> int:
             kind = "SFT (system, prompt, output)" if method == "sft" else "preference (system, prompt, chosen, rejected)"
             raise TrainingInputError(f"{file} lacks {', '.join(missing)}: {method} needs the {kind} layout")
         if method != "sft" and not pa.types.is_list(schema.field("chosen").type):
-            raise TrainingInputError(f"{file}: chosen/rejected must be [user, assistant] chats, as DESIGN.md's DPO layout")
+            raise TrainingInputError(f"{file}: chosen/rejected must be [user, assistant] chats, as the published DPO layout")
         rows += pq.ParquetFile(file).metadata.num_rows
     if not rows:
         raise TrainingInputError(f"{files[0].parent} is empty: no rows to train on")
