@@ -304,10 +304,14 @@ class Gateway:
             try:
                 value = self.judge(call, reply)
             except Rejected as exc:
+                content, reason, detail = reply.contents[0], exc.reason, str(exc)
                 if entry is None:
                     self.record(call, reply, None, latency, "online", key=attempt_key, rejected=exc.reason)
-                    self._attempt_failed(exc.reason)
-                content, reason, detail = reply.contents[0], exc.reason, str(exc)
+                    try:
+                        self._attempt_failed(exc.reason)
+                    except RunAborted:  # the run stops on this reply: it is this call's failure too
+                        self._keep(stage, key, reason, content, detail)
+                        raise
                 body, attempt_key = _repaired(call, content, reason, detail)
                 continue
             if entry is None:
@@ -509,11 +513,7 @@ class Gateway:
     # -- failures and the early stop -------------------------------------------------------------
     def fail(self, stage: str, key: str, reason: str, raw: str, detail: str, unreachable: bool = False,
              endpoint_error: bool = False) -> None:
-        failure = Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000])
-        if self.failure_log is not None:
-            self.failure_log.add(failure)
-        self.failures.append(failure)
-        self.usage.failures[reason] += 1
+        self._keep(stage, key, reason, raw, detail)
         if unreachable and self.usage.ok == 0:
             raise EndpointUnreachable(
                 f"{self.url} could not be reached after {self.endpoint.retries.max_attempts} attempts ({detail}); "
@@ -522,6 +522,14 @@ class Gateway:
         if reason != "rate_limited":
             self._record_outcome(reason, endpoint_error)
         return None
+
+    def _keep(self, stage: str, key: str, reason: str, raw: str, detail: str) -> None:
+        """A failure, kept as it happens (the live failure log) and counted."""
+        failure = Failure(stage=stage, key=key, reason=reason, raw_output=raw or "", detail=detail[:2000])
+        if self.failure_log is not None:
+            self.failure_log.add(failure)
+        self.failures.append(failure)
+        self.usage.failures[reason] += 1
 
     def _record_outcome(self, failure_reason: str | None, endpoint_error: bool = False) -> None:
         """Two early stops. The endpoint failing (5xx, timeouts, dropped connections) is judged on the

@@ -132,12 +132,14 @@ def test_replies_that_always_fail_their_checks_stop_the_run():
                     raise ValueError("not what was asked")
                 calls = [gateway.parse([{"role": "user", "content": f"q{i}"}], Answer, stage="t", key=f"k{i}",
                                        sampling=Sampling(max_tokens=50), check=check) for i in range(60)]
-                return await asyncio.gather(*calls, return_exceptions=True)
+                return await asyncio.gather(*calls, return_exceptions=True), gateway
 
         started = time.monotonic()
-        results = asyncio.run(main())
+        results, gateway = asyncio.run(main())
         took, requests = time.monotonic() - started, sim.stats()["requests"]
     assert "rejected" in str(stopped(results)) and took < STALL_S + 5 and requests < 60
+    # the reply the run stopped on is its call's failure, with the raw output
+    assert gateway.failures and all(f.raw_output for f in gateway.failures)
 
 
 def test_a_request_the_server_refuses_in_a_5xx_is_not_retried_and_stops_the_run():
