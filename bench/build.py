@@ -6,8 +6,8 @@ peak RSS, Prefect task runs and the incremental no-op rebuild (issue 4).
     python bench/build.py --n 2500 --rpm 4800 --tpm 7200000 --latency-ms 500 --jitter-ms 150
 
 For each size (N/4, then N; N alone with --no-small) it writes N instructions (plus a 15 % reserve, so that the
-flow can draw more when one fails, docs/ARCHITECTURE.md, decision 8) as a user source in JSON lines: prompts cut from the
-bundled real records at realistic lengths (the generator of bench/ingest.py), every one kept by the
+flow can draw more when one fails: docs/ARCHITECTURE.md, decision 8) as a user source in JSON lines: prompts cut
+from the bundled real records at realistic lengths (the generator of bench/ingest.py), every one kept by the
 paper's rules. Then, in a fresh process with its own Prefect home, it runs `build_collection` against a
 simulator process (500 ms +- jitter latency, the given RPM and TPM, burst of 1 s like the client's)
 with `limit=N` and the source given as `mine=PATH`, then the same config again: the incremental no-op

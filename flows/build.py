@@ -1,8 +1,8 @@
 """The `build-collection` flow: ingest, then trees -> sets -> system messages -> responses -> pairs per shard,
 then a release.
 
-Prefect sees one task run per (stage, shard), never one per LLM call (docs/ARCHITECTURE.md, principles 4): inside a task
-one event loop drives hundreds of calls through the gateway. Shards run concurrently, each through its
+Prefect sees one task run per (stage, shard), never one per LLM call (docs/ARCHITECTURE.md, principle 4):
+inside a task one event loop drives hundreds of calls through the gateway. Shards run concurrently, each through its
 stages in order, so no stage waits for the slowest shard of the one before. A crashed (stage, shard)
 is retried by Prefect and resumes from the stored rows and the journal; conditions that would fail
 every call (`RunAborted`: bad key, spend cap, most calls failing) are not retried.
@@ -241,59 +241,64 @@ async def build_collection(config: BuildConfig) -> dict:
     # "One build per data dir")
     async with data_dir_lease(config.data_dir, "build-collection", flow_run=str(runtime.flow_run.id),
                               wait=config.wait_for_lock, timeout_s=config.lock_wait_s, logger=logger):
-        started = time.monotonic()
-        store = Store(config.data_dir)
-        if config.sources:
-            logger.info("ingested:\n%s", ingest_sources(config))
-        if config.train_after:
-            await check_deployment(config.train.deployment, "train_after")
-        if config.shard_deployment:
-            await check_deployment(config.shard_deployment, "shard_deployment")
-        pool = Pool(store, config.seed)
-        if not len(pool):
-            raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
-        wanted = min(config.limit or len(pool), len(pool))
-        progress = Progress(listeners=PROGRESS_LISTENERS)
-        build = str(runtime.flow_run.id)
-        scope = JournalScope.of_attempt(build, runtime.flow_run.run_count) if config.shard_deployment else None
-        ctx = await open_context(config, store, journal=scope.journal(config.data_dir) if scope else None)
-        complete = frozenset(complete_instructions(store, ctx.plan))
-        pool.prefer(complete)
-        complete -= near_damage(store, complete)  # still drawn first; their shards look for rows a damaged file lost
-        dispatch = ShardDispatch(ctx.config, store, build, scope) if scope else None  # the resolved endpoint
-        try:
-            if dispatch is not None:
-                await dispatch.open()
-            shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
-        except BaseException:
-            if dispatch is not None:
-                await dispatch.cancel_outstanding()
-            raise
-        finally:
-            await ctx.aclose()
-            if dispatch is not None:
-                await dispatch.close()
-        usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
-        if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
-            usage = merge_usage([usage, *dispatch.usage])
-        report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
-        report.reruns = dispatch.crashed if dispatch is not None else 0
-        report.structured_output = ctx.config.endpoint.structured_output
-        if report.accepted < wanted:
-            logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in "
-                           "%s/failures", report.accepted, wanted, config.data_dir)
-        if config.publish and report.accepted:
-            report.release = publish(ctx, shards, report)
-            if config.push_to_hub and report.release["is_new"]:
-                from facets.tasks.release import push_release
+        return await build_holding_the_data_dir(config, logger)
 
-                logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub),
-                            config.push_to_hub)
-            if config.train_after and report.release["is_new"]:
-                report.release["train_run"] = await start_training(config, report.release)
-        await publish_artifacts(report)
-        logger.info(report.text())
-        return report.model_dump(mode="json")
+
+async def build_holding_the_data_dir(config: BuildConfig, logger) -> dict:
+    """The build itself, while this run holds the data dir."""
+    started = time.monotonic()
+    store = Store(config.data_dir)
+    if config.sources:
+        logger.info("ingested:\n%s", ingest_sources(config))
+    if config.train_after:
+        await check_deployment(config.train.deployment, "train_after")
+    if config.shard_deployment:
+        await check_deployment(config.shard_deployment, "shard_deployment")
+    pool = Pool(store, config.seed)
+    if not len(pool):
+        raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
+    wanted = min(config.limit or len(pool), len(pool))
+    progress = Progress(listeners=PROGRESS_LISTENERS)
+    build = str(runtime.flow_run.id)
+    scope = JournalScope.of_attempt(build, runtime.flow_run.run_count) if config.shard_deployment else None
+    ctx = await open_context(config, store, journal=scope.journal(config.data_dir) if scope else None)
+    complete = frozenset(complete_instructions(store, ctx.plan))
+    pool.prefer(complete)
+    complete -= near_damage(store, complete)  # still drawn first; their shards look for rows a damaged file lost
+    dispatch = ShardDispatch(ctx.config, store, build, scope) if scope else None  # the resolved endpoint
+    try:
+        if dispatch is not None:
+            await dispatch.open()
+        shards = await build_shards(ctx, pool, wanted, progress, complete, dispatch)
+    except BaseException:
+        if dispatch is not None:
+            await dispatch.cancel_outstanding()
+        raise
+    finally:
+        await ctx.aclose()
+        if dispatch is not None:
+            await dispatch.close()
+    usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
+    if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
+        usage = merge_usage([usage, *dispatch.usage])
+    report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
+    report.reruns = dispatch.crashed if dispatch is not None else 0
+    report.structured_output = ctx.config.endpoint.structured_output
+    if report.accepted < wanted:
+        logger.warning("only %d of %d instructions were accepted: the sources ran out; failures are in "
+                       "%s/failures", report.accepted, wanted, config.data_dir)
+    if config.publish and report.accepted:
+        report.release = publish(ctx, shards, report)
+        if config.push_to_hub and report.release["is_new"]:
+            from facets.tasks.release import push_release
+
+            logger.info("pushed %s to %s", push_release(report.release["path"], config.push_to_hub),
+                        config.push_to_hub)
+        if config.train_after and report.release["is_new"]:
+            report.release["train_run"] = await start_training(config, report.release)
+    await publish_artifacts(report)
+    logger.info(report.text())
+    return report.model_dump(mode="json")
 
 
 async def check_deployment(name: str, field: str) -> None:

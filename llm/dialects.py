@@ -2,8 +2,9 @@
 
 Servers differ: OpenAI, Ollama, vLLM and llama.cpp's own server take a strict `json_schema` response
 format; llama-cpp-python's server takes only `{"type": "json_object", "schema": ...}` (and answers a
-json_schema with an HTTP 500); vLLM also takes the schema as an extra body field, `guided_json`; a
-server with none of these can still be asked in words (`prompt`), its JSON taken out of the reply.
+json_schema with an HTTP 500); vLLM before 0.12 also takes the schema as an extra body field,
+`guided_json` (0.12 removed it; json_schema serves there); a server with none of these can still be
+asked in words (`prompt`), its JSON taken out of the reply.
 A dialect decides the request fields added, the messages (only `prompt` changes them) and the part of
 the journal key that tells the dialects apart, so two dialects never share a journal entry.
 """

@@ -33,7 +33,7 @@ def bucket_of(instruction_id: str) -> int:
 
 
 def fingerprint(*parts: object) -> str:
-    """Hash of a stage's inputs, prompt version, model and parameters (docs/ARCHITECTURE.md, principles 1)."""
+    """Hash of a stage's inputs, prompt version, model and parameters (docs/ARCHITECTURE.md, principle 1)."""
     payload = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS, default=_jsonable)
     return hashlib.sha256(payload).hexdigest()[:32]
 

@@ -1,4 +1,5 @@
-"""What the current build wants: shards of instructions and the fingerprint of every row (docs/ARCHITECTURE.md, principle 1, decision 3).
+"""What the current build wants: shards of instructions and the fingerprint of every row
+(docs/ARCHITECTURE.md, principle 1, decision 3).
 
 A stage's fingerprint hashes the fingerprint of its input, its template version, model and sampling, so
 the whole chain for an instruction is known before any call: a changed system-message template changes

@@ -209,8 +209,8 @@ def _select(con: duckdb.DuckDBPyConnection, scans: dict[str, str]) -> None:
 
 def _selection_digest(con: duckdb.DuckDBPyConnection, seed: int, test_fraction: float) -> str:
     """What decides the datasets' content, cheaper than the content itself: the complete instructions' rows
-    of the build by fingerprint (a fingerprint fixes a row's content, docs/ARCHITECTURE.md, principle 1), their sources,
-    the split parameters and the layout version. Equal digests give equal datasets, so a no-op rebuild
+    of the build by fingerprint (a fingerprint fixes a row's content: docs/ARCHITECTURE.md, principle 1),
+    their sources, the split parameters and the layout version. Equal digests give equal datasets, so a no-op rebuild
     finds its release without rewriting it. Each part is hashed as its lines stream out of a sort, which
     DuckDB spills: one string of every line would not (at 65k instructions, more than a 256 MB limit)."""
     rows = _lines_sha256(con, """

@@ -1,4 +1,4 @@
-"""Prompt templates: text files beside their stages, versioned by their content (docs/ARCHITECTURE.md, principles 1).
+"""Prompt templates: text files beside their stages, versioned by their content (docs/ARCHITECTURE.md, principle 1).
 
 A template file has a `### system` and a `### user` section with `$name` placeholders (`string.Template`,
 so the braces of code and JSON in instructions need no escaping). Its version is a hash of the file and of

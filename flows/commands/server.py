@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from facets.flows.automations import HEARTBEAT_S, START_WITHIN_S, ZOMBIE_AFTER_S
+from facets.flows.commands.stopping import stop_processes
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -239,18 +240,7 @@ class Child:
                 os.killpg(self.process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in family[1:]:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, survivors = psutil.wait_procs(family, timeout=timeout_s)
-        for proc in survivors:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(survivors, timeout=5)
+        stop_processes(family[1:], timeout_s, signalled=tuple(family[:1]))
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:

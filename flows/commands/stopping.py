@@ -14,6 +14,7 @@ reported its end; then the command leaves without Prefect's exit handlers (`exit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -158,19 +159,24 @@ def exit_now(code: int) -> NoReturn:
 
     sys.stdout.flush()
     sys.stderr.flush()
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=CHILD_STOP_S)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    stop_processes(psutil.Process().children(recursive=True), CHILD_STOP_S)
     os._exit(code)
+
+
+def stop_processes(processes: list, timeout_s: float, signalled: tuple = ()) -> None:
+    """Terminate `processes` (psutil), then kill those still alive after `timeout_s`; `signalled` were sent
+    their signal already and are only waited for."""
+    import psutil
+
+    for process in processes:
+        if process not in signalled:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+    _, alive = psutil.wait_procs([*signalled, *processes], timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 class _Runner:
