@@ -279,7 +279,7 @@ class Gateway:
         Every reply is journaled as it comes, accepted or not, so a rerun walks the chain from the journal
         without paying and goes on where it stopped; a call that failed gets `1 + repair_attempts` paid
         attempts more on a rerun (a failure is retried, a reply is never paid twice)."""
-        messages, body, attempt_key = call.body["messages"], call.body, call.key
+        body, attempt_key = call.body, call.key
         content, reason, detail = last or ("", "", "")
         if last is not None:
             body, attempt_key = _repaired(call, content, reason, detail)
