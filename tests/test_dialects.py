@@ -314,3 +314,15 @@ def test_a_build_forced_to_a_dialect_the_server_refuses_stops_before_any_paid_wo
         stats = sim.stats()
     assert stats["requests"] == 1 and stats["ok"] == 0 and elapsed < 30
     assert "\n" not in str(stop.value) and "json_schema" in str(stop.value)
+
+
+def test_the_build_command_takes_the_dialect_as_a_flag():
+    import argparse
+
+    from facets.flows.commands import build as command
+
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    assert command.load_config(parser.parse_args([])).endpoint.structured_output == "auto"
+    chosen = command.load_config(parser.parse_args(["--structured-output", "json_object"]))
+    assert chosen.endpoint.structured_output == "json_object"

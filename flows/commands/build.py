@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--rpm", type=float, help="the endpoint's requests per minute")
     add("--tpm", type=float, help="the endpoint's tokens per minute")
     add("--max-in-flight", type=int, help="concurrent requests at most")
+    add("--structured-output", choices=["auto", "json_schema", "json_object", "guided_json", "prompt"],
+        help="how structured output is asked for (default auto: the first the server answers, found by a probe)")
     add("--share-limits", dest="share_via", metavar="REDIS_URL",
         help="take --rpm/--tpm from one bucket in Redis that the other processes calling this endpoint share "
              "(redis://HOST:6379/0)")
@@ -68,7 +70,8 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
             data[name] = getattr(args, name)
     endpoint = section(data, "endpoint", args.config)
     limits = section(endpoint, "limits", args.config, "endpoint.")
-    for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"), ("rpm", limits, "rpm"),
+    for flag, target, key in (("model", endpoint, "model"), ("max_cost", endpoint, "max_cost"),
+                              ("structured_output", endpoint, "structured_output"), ("rpm", limits, "rpm"),
                               ("tpm", limits, "tpm"), ("max_in_flight", limits, "max_in_flight"),
                               ("share_via", limits, "share_via")):
         if getattr(args, flag) is not None:
