@@ -23,10 +23,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _overview() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facets", description="Build, train on and evaluate the Multifaceted Collection.")
+    parser.add_argument("--version", action="version", version=f"facets {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("facets")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def beat_by_default() -> None:
@@ -41,6 +51,9 @@ def beat_by_default() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     beat_by_default()
+    if argv[:1] == ["--version"]:
+        print(f"facets {_version()}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         _overview().parse_args(argv)  # prints usage, or the error for an unknown command
         _overview().print_help()

@@ -18,7 +18,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """(stage, shard) units done of those planned; listeners see every step, Prefect a throttled bar."""
+    """(stage, shard) units done of those planned; listeners see every step, Prefect a throttled bar.
+
+    Replacement shards grow `total` mid-build, so `done / total` would drop (7/10, then 8/15). The
+    shown `fraction` never goes back: when the total grows, the fraction reached so far is kept and only
+    the work left is spread over the remaining share of the bar."""
 
     listeners: list[Callable[["Progress"], None]] = field(default_factory=list)
     total: int = 0
@@ -28,8 +32,11 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     _artifact: Any = None
     _pushed: float = 0.0
+    _base_fraction: float = 0.0  # the fraction shown when the total last grew
+    _base_done: int = 0  # units done then
 
     def add(self, units: int, instructions: int) -> None:
+        self._base_fraction, self._base_done = self.fraction, self.done
         self.total += units
         self.instructions += instructions
 
@@ -44,7 +51,11 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
+        """Share of the bar filled: never decreases, and reaches 1.0 when every planned unit is done."""
+        if self.done >= self.total:
+            return 1.0 if self.total else 0.0
+        left_then = self.total - self._base_done  # > 0: base_done <= done < total
+        return self._base_fraction + (1 - self._base_fraction) * (self.done - self._base_done) / left_then
 
     async def _push(self) -> None:
         from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact

@@ -80,9 +80,11 @@ def load_config(args: argparse.Namespace) -> BuildConfig:
 
 
 def progress_bar(progress) -> None:
+    # `fraction`, not done/total: replacement shards grow the total, and the bar must not go back
     width = 30
-    filled = int(width * progress.fraction)
-    line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * progress.fraction:5.1f}%  "
+    fraction = min(1.0, progress.fraction)
+    filled = int(width * fraction)
+    line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}%  "
             f"{progress.done}/{progress.total} stage-shards  {progress.last:<32}")
     sys.stderr.write(line + ("\n" if progress.done == progress.total else ""))
     sys.stderr.flush()
@@ -177,8 +179,15 @@ def _build(config: BuildConfig, stops: StopSignals, quiet: bool) -> dict:
 
 
 def _print_outcome(report: dict, config: BuildConfig) -> None:
+    from facets.storage import FAILURES, Store
+
+    # a rerun of a complete build fails nothing new, yet earlier runs' failure rows stay in the data dir
+    try:
+        kept = f"{Store(config.data_dir).count(FAILURES)} kept"
+    except Exception:  # the outcome line is a courtesy: the build itself has ended well
+        kept = "earlier ones"
     print(f"accepted {report['accepted']} of {report['wanted']} instructions; failures: "
-          f"{sum(report['failures'].values())} (in {config.data_dir}/failures)")
+          f"{sum(report['failures'].values())} this run ({kept} in {config.data_dir}/failures)")
     release = report.get("release")
     if release:
         from facets.storage.store import dataset_call

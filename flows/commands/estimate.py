@@ -55,7 +55,29 @@ def estimate(config: BuildConfig) -> list[dict]:
     return rows
 
 
+def duration(minutes: float) -> str:
+    """A time bound in the unit that reads best: 42 s, 1.4 min, 3.2 h."""
+    if minutes < 1:
+        return f"{minutes * 60:,.0f} s"
+    if minutes < 60:
+        return f"{minutes:,.1f} min"
+    return f"{minutes / 60:,.1f} h"
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """Flags no estimate can use; the config alone would take --rpm 0 (it means no limit to a build)."""
+    if args.rpm <= 0:
+        return f"--rpm must be above 0 (the time is calls / RPM), got {args.rpm:g}"
+    if args.limit <= 0:
+        return f"--limit must be at least 1 instruction, got {args.limit}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = flag_problem(args)
+    if problem:
+        print(f"facets estimate: error: {problem}", file=sys.stderr)
+        return 2
     try:  # the endpoint reads OPENAI_BASE_URL, which may be refused (credentials in it)
         config = BuildConfig(limit=args.limit, sets_per_instruction=args.sets, mode=args.mode, templates_dir=args.templates_dir,
                              endpoint={"model": args.model, "limits": {"rpm": args.rpm, "tpm": args.tpm}})
@@ -76,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
     minutes = max(calls / args.rpm if args.rpm else 0, tokens / args.tpm if args.tpm else 0)
     cost_text = "unknown (no price for the model)" if total_cost is None else f"${total_cost:,.2f}"
-    print(f"total: {calls:,} calls, {tokens:,} tokens, {cost_text}; at least {minutes / 60:,.1f} h at "
+    print(f"total: {calls:,} calls, {tokens:,} tokens, {cost_text}; at least {duration(minutes)} at "
           f"{args.rpm:g} RPM" + (f" and {args.tpm:g} TPM" if args.tpm else "") + (" (batch: up to 24 h per batch)" if args.mode == "batch" else ""))
     print(f"assumed per call: instruction ~{TYPICAL['instruction']} tokens; replies: tree ~{TYPICAL['preference_trees']}, "
           f"system message ~{TYPICAL['system_messages']}, response ~{TYPICAL['responses']} tokens")

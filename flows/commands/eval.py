@@ -64,15 +64,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    generate = sub.add_parser("generate", help="a response per bench item from one model")
+    generate = sub.add_parser("generate", help="a response per bench item from one model",
+                              description="Generate a response per bench item from one model: an OpenAI-compatible "
+                                          "endpoint or a local transformers model (journaled).")
     _common(generate.add_argument)
     _model_flags(generate.add_argument, required=False)
-    judge = sub.add_parser("judge", help="grade stored responses on the rubrics and write the summary")
+    judge = sub.add_parser("judge", help="grade stored responses on the rubrics and write the summary",
+                           description="Grade the stored responses 1-5 on each bench item's rubrics with an LLM "
+                                       "judge, N runs averaged, and write the summary to the data dir.")
     _common(judge.add_argument)
     judge.add_argument("--model", action="append", dest="models", metavar="LABEL",
                        help="a model (label) to judge, repeatable (default: every model with responses)")
     _judge_flags(judge.add_argument)
-    both = sub.add_parser("run", help="generate, then judge")
+    both = sub.add_parser("run", help="generate, then judge",
+                          description="Generate responses for a model (or every model of --config), then judge them.")
     _common(both.add_argument)
     _model_flags(both.add_argument, required=False)
     _judge_flags(both.add_argument)

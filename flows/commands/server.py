@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("facets server: --workers must be at least 1", file=sys.stderr)
         return 2
+    try:
+        check_database(args.database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
+    except StackError as exc:
+        print(f"facets server: error: {exc}", file=sys.stderr)
+        return 2
     stack = LocalPrefect(project_dir, port=args.port, database_url=args.database_url, pools=args.pools,
                          cpu_workers=args.workers, worker_limit=args.worker_limit,
                          zombie_after_s=args.zombie_after,
@@ -160,6 +165,34 @@ def deployment_pools(project_dir: Path) -> list[str]:
         if name and name not in pools:
             pools.append(name)
     return pools
+
+
+def check_database(url: str | None) -> None:
+    """A PostgreSQL database must exist before the server starts: Prefect creates its tables, not the
+    database, and otherwise fails with a long traceback in its log while we wait for its health check."""
+    if not url or not url.startswith("postgresql"):
+        return
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    parts = make_url(url)
+    host, port, user = parts.host or "localhost", parts.port or 5432, parts.username or "postgres"
+    where = f"PostgreSQL at {host}:{port}"
+
+    async def probe() -> None:
+        connection = await asyncpg.connect(database=parts.database, host=host, port=port, user=user,
+                                           password=parts.password, timeout=10)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except asyncpg.InvalidCatalogNameError:
+        raise StackError(f"database {parts.database!r} does not exist on {where}: create it first, e.g. "
+                         f"createdb -h {host} -p {port} -U {user} {parts.database}") from None
+    except (OSError, asyncio.TimeoutError) as error:
+        raise StackError(f"cannot reach {where} ({_hide_password(url)}): {error}") from None
+    except asyncpg.PostgresError as error:
+        raise StackError(f"{where} refused database {parts.database!r} for user {user!r}: {error}") from None
 
 
 def scratch_database(host: str = HOST, port: int = 5432, user: str = "postgres") -> tuple[str, Callable[[], None]]:

@@ -1,12 +1,18 @@
-"""`facets status`: per stage, the instructions done and missing, and failures by reason; with `--shards`,
-the state of every shard run of a build spread over workers (the Prefect server PREFECT_API_URL names)."""
+"""`facets status`: per stage, the instructions done and missing (of those builds drew), the bench's items
+apart, and failures by reason; with `--shards`, the state of every shard run of a build spread over workers
+(the Prefect server PREFECT_API_URL names)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 
-from facets.storage.stages import STAGE_MODELS
 from facets.tasks.plan import STAGES
+
+BENCH_RUBRICS = "bench_rubrics"  # the bench's own stage (tasks/bench_rubrics.py)
+# The stages `facets bench` runs (flows/evaluate.py); importing that module here would import Prefect.
+BENCH_STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", BENCH_RUBRICS)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,25 +24,109 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_prefect()
     from facets.storage import Store
 
+    store = Store(args.data_dir)
+    missing = missing_data_dir(store)
+    if missing:
+        print(f"facets status: error: {missing}", file=sys.stderr)
+        return 2
     if args.shards or args.build:
-        return asyncio.run(print_shard_runs(Store(args.data_dir), args.build))
-    with Store(args.data_dir).catalog() as catalog:
-        total = catalog.sql("select count(distinct id) from instructions").fetchall()[0][0]
-        print(f"{args.data_dir}: {total} instructions")
-        print(f"{'stage':<18}{'rows':>10}{'done':>10}{'missing':>10}")
-        for stage in STAGE_MODELS:
-            if stage == "instructions":
-                continue
-            rows, done = catalog.sql(f"select count(*), count(distinct instruction_id) from {stage}").fetchall()[0]
-            print(f"{stage:<18}{rows:>10}{done:>10}{total - done:>10}")
-        failures = catalog.sql("select stage, reason, count(*) from failures group by 1, 2 order by 3 desc").fetchall()
-        for stage, reason, count in failures:
-            print(f"failed  {stage}:{reason} x{count}")
+        return shard_runs(store, args.build)
+    with store.catalog() as catalog:
+        add_bench_rubrics_view(catalog)
+        print_collection(catalog, args.data_dir)
+        print_bench(catalog)
+        print_failures(catalog)
         latest = catalog.store.read_text("releases", "LATEST")
         print(f"latest release: {latest.strip() if latest else 'none'}")
     return 0
+
+
+def quiet_prefect() -> None:
+    """Before Prefect is imported (`--shards`): no telemetry, which needs the network."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def shard_runs(store, build: str | None) -> int:
+    import httpx
+
+    try:
+        return asyncio.run(print_shard_runs(store, build))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        from prefect.settings import PREFECT_API_URL
+
+        print(f"facets status: error: cannot reach the Prefect server at {PREFECT_API_URL.value()} ({error}): "
+              "start it (facets server) or set PREFECT_API_URL", file=sys.stderr)
+        return 2
+
+
+def missing_data_dir(store) -> str | None:
+    """A local data dir that does not exist is a typo, not an empty collection."""
+    if store.is_local and not store.fs.isdir(store.root):
+        return f"data dir {store.uri} does not exist (pass --data-dir)"
+    return None
+
+
+def add_bench_rubrics_view(catalog) -> None:
+    """`bench_rubrics`: the bench's own stage (not one of the collection's views)."""
+    files = catalog.store.whole(catalog.store.files(BENCH_RUBRICS))
+    if files:
+        listing = ", ".join("'" + catalog.store.uri_of(f).replace("'", "''") + "'" for f in files)
+        catalog.sql(f"create or replace view {BENCH_RUBRICS} as "
+                    f"select instruction_id from read_parquet([{listing}], union_by_name=true)")
+    else:
+        catalog.sql(f"create or replace view {BENCH_RUBRICS} as select ''::varchar as instruction_id where false")
+
+
+def started_ids(stages) -> str:
+    """SQL: every instruction id a stage wrote a row or a failure for (failure keys are `<id>` or `<id>#<row>`)."""
+    rows = " union ".join(f"select instruction_id as id from {stage}" for stage in stages)
+    names = ", ".join(f"'{stage}'" for stage in stages)
+    return f"{rows} union select split_part(key, '#', 1) from failures where stage in ({names})"
+
+
+def print_collection(catalog, data_dir: str) -> None:
+    """Counts over the instructions builds drew (an instruction with a row or a failure in a stage):
+    a `--limit` build leaves the rest of the pool undrawn, which is not missing."""
+    total = catalog.sql("select count(distinct id) from instructions").fetchall()[0][0]
+    catalog.sql(f"create temp table drawn as select distinct id from ({started_ids(STAGES)}) "
+                "where id in (select id from instructions)")
+    drawn = catalog.sql("select count(*) from drawn").fetchall()[0][0]
+    print(f"{data_dir}: {total} instructions ingested, {drawn} drawn by builds, "
+          f"{total - drawn} in the pool not drawn yet")
+    print_stage_table(catalog, "collection", STAGES, "drawn")
+
+
+def print_bench(catalog) -> None:
+    """Items of `facets bench`: its instructions come from benchmarks, not from the ingested pool."""
+    catalog.sql(f"create temp table bench_items as select distinct id from ({started_ids(BENCH_STAGES)}) "
+                "where id not in (select id from instructions)")
+    items = catalog.sql("select count(*) from bench_items").fetchall()[0][0]
+    if items:
+        print(f"bench: {items} items drawn from benchmarks")
+        print_stage_table(catalog, "bench", BENCH_STAGES, "bench_items")
+
+
+def print_stage_table(catalog, title: str, stages, ids: str) -> None:
+    """Per stage: rows, instructions done, and missing: drawn but with no row (failed or not reached yet)."""
+    print(f"{title + ' stage':<20}{'rows':>10}{'done':>10}{'missing':>10}")
+    total = catalog.sql(f"select count(*) from {ids}").fetchall()[0][0]
+    for stage in stages:
+        rows, done = catalog.sql(f"select count(*), count(distinct instruction_id) from {stage} "
+                                 f"where instruction_id in (select id from {ids})").fetchall()[0]
+        print(f"{stage:<20}{rows:>10}{done:>10}{total - done:>10}")
+
+
+def print_failures(catalog) -> None:
+    bench = (f"stage = '{BENCH_RUBRICS}' or (stage in ({', '.join(repr(s) for s in STAGES)}) "
+             "and split_part(key, '#', 1) not in (select id from instructions))")
+    failures = catalog.sql(f"select case when {bench} then 'bench ' else '' end, stage, reason, count(*) "
+                           "from failures group by 1, 2, 3 order by 4 desc").fetchall()
+    for where, stage, reason, count in failures:
+        print(f"failed  {where}{stage}:{reason} x{count}")
 
 
 async def print_shard_runs(store, build: str | None) -> int:

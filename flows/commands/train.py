@@ -10,6 +10,8 @@ Flags left out take the method's recipe (schemas/training.py); `--config FILE` g
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,23 +71,98 @@ def config_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_prefect()
     from facets.training.data import TrainingInputError
 
     try:
         config = config_from(args)
     except (ValueError, ValidationError, OSError) as error:
-        print(f"facets train: {config_problem(error, args.config)}", file=sys.stderr)
-        return 2
+        return fail(config_problem(error, args.config))
+    try:
+        preflight(config)
+    except TrainingInputError as error:
+        return fail(str(error))
     from facets.flows.train import train
 
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_WithoutTraceback())
     try:
         result = train(config)
     except TrainingInputError as error:
-        print(f"facets train: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
+    except OSError as error:  # transformers' word for a model it cannot load (hub unreachable, files missing)
+        return fail(f"{_first_line(error)} (base model: {config.base_model})")
     lengths = result["lengths"]
     print(f"{result['method']} done: {result['steps']} steps, final loss {result['final_loss']}, "
           f"{result['tokens_per_second']:.0f} tokens/s; {lengths['kept']} rows trained, "
           f"{lengths['too_long']} longer than {lengths['max_length']} tokens left out")
     print(f"model: {result['output_dir']}  (beside it: train_summary.json, metrics.jsonl, loss_curve.png)")
     return 0
+
+
+def quiet_prefect() -> None:
+    """Before Prefect is imported: no telemetry (it needs the network, and its errors fill the screen offline)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def fail(message: str) -> int:
+    print(f"facets train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def preflight(config) -> None:
+    """The flow's own input checks, here before Prefect starts: a bad input costs no server start and no
+    traceback. A hub id that is neither cached nor reachable is refused at once rather than after the
+    minute of retries `from_pretrained` spends offline."""
+    from facets.training.run import check_inputs, resolve_device
+
+    checked = check_inputs(config)
+    resolve_device(checked)
+    check_hub_model(checked.base_model)
+
+
+def check_hub_model(base_model: str) -> None:
+    from facets.training.data import TrainingInputError
+
+    if Path(base_model).expanduser().exists() or _cached_on_hub(base_model):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise TrainingInputError(f"base model {base_model} is not a local folder nor in the Hugging Face cache; "
+                                 "and HF_HUB_OFFLINE is set: download it first or pass a local folder")
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError
+
+    try:
+        huggingface_hub.model_info(base_model, timeout=10)
+    except HFValidationError:
+        raise TrainingInputError(f"base model {base_model} is neither a local folder nor a hub id") from None
+    except HfHubHTTPError as error:  # the hub answered: no such model, or no access to it
+        raise TrainingInputError(f"base model {base_model} could not be loaded from the hub: "
+                                 f"{_first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - connection errors come as several types (requests, httpx, OSError)
+        raise TrainingInputError(f"base model {base_model} is not a local folder nor in the Hugging Face cache; "
+                                 f"and the hub cannot be reached ({type(error).__name__}): pass a local folder, "
+                                 "or download it where the hub is reachable") from None
+
+
+def _cached_on_hub(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class _WithoutTraceback(logging.Filter):
+    """Prefect logs a failed run with its traceback; the command prints the one-line cause instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
