@@ -296,7 +296,7 @@ def test_a_call_under_a_shared_limit_goes_as_soon_as_a_lease_pays_for_it_not_whe
     assert asyncio.run(wait_for_a_lease()) < 1.0, "it slept its whole guess"
 
 
-def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers():
+def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers(redis_url):
     """Through the real endpoint: another client drains the simulator's bucket; the next reply a process
     under a shared limit gets says so, and the process holds its sends."""
     import uuid
@@ -307,7 +307,7 @@ def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers():
 
         drained, _ = run(endpoint(sim), drain)
         assert answered(drained) and sim.stats()["rate_limited"] == 0
-        shared = RateLimits(rpm=60, burst_s=10.0, share_via="redis://127.0.0.1:6379/0")
+        shared = RateLimits(rpm=60, burst_s=10.0, share_via=redis_url)
         key = f"brake-{uuid.uuid4().hex}"
         limiter_module._SHARED.clear()
 

@@ -28,6 +28,7 @@ from test_deployments import _postgres_database
 ROOT = Path(__file__).resolve().parents[1]
 NECTAR = ROOT / "tests" / "data" / "sources" / "nectar" / "data.jsonl"
 REDIS = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.usefixtures("redis_url")  # one limit shared through Redis: skipped where none answers
 RPM = 300
 IN_FLIGHT = 8
 ZOMBIE_AFTER_S = 40
