@@ -50,7 +50,7 @@ import orjson
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from facets.storage.store import local_cache
+from facets.storage.store import local_cache, move_file, read_local
 
 log = logging.getLogger(__name__)
 
@@ -420,26 +420,14 @@ class Journal:
         f = self._files[fid]
         segment = f.path
         target = f"{self._damaged_dir}/{segment.rsplit('/', 1)[-1]}"
-        moved = self._move(segment, target)
-        self._move(f"{segment[:-6]}.idx", f"{target[:-6]}.idx")
+        moved = move_file(self.fs, segment, target)
+        move_file(self.fs, f"{segment[:-6]}.idx", f"{target[:-6]}.idx")
         f.path = target
         good, bad = self._index_verified(fid)
         self._reported.add(target)
         if moved:
             log.warning("journal segment %s is damaged (%s): moved to %s; its %d good entries are used from there, "
                         "%d damaged ones are asked again", segment, problem, target, good, bad)
-
-    def _move(self, source: str, target: str) -> bool:
-        """False when `source` is not there (another reader moved it first)."""
-        try:
-            self.fs.makedirs(self._damaged_dir, exist_ok=True)
-            if self._local:
-                os.rename(source, target)
-            else:
-                self.fs.mv(source, target)
-        except FileNotFoundError:
-            return False
-        return True
 
     def _index_verified(self, fid: int) -> tuple[int, int]:
         """Index the lines of a damaged file that pass every check `get` makes, in place of what its sidecar
@@ -527,7 +515,7 @@ class Journal:
         if not names:
             return {}
         if self._local:
-            found = {name: _read_file(f"{self._seg_dir}/{name}") for name in names}
+            found = {name: read_local(f"{self._seg_dir}/{name}") for name in names}
             return {name: data for name, data in found.items() if data is not None}
         found = self.fs.cat([f"{self._seg_dir}/{name}" for name in names], on_error="omit")
         return {path.rsplit("/", 1)[-1]: data for path, data in found.items()}
@@ -695,14 +683,6 @@ def _plain(value: Any) -> Any:
 
 def _pack(fid: int, offset: int, length: int) -> int:
     return (fid << 72) | (offset << 32) | length
-
-
-def _read_file(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -85,7 +85,7 @@ def _recover(store: Store, path: str) -> int:
         except BlockingIOError:
             return 0  # its process is alive
         data = os.pread(fd, os.fstat(fd).st_size, 0)
-        failures = [Failure.model_validate_json(line) for line in data.splitlines() if _complete(line)]
+        failures = [failure for line in data.splitlines() if (failure := _parsed(line)) is not None]
         if failures:
             store.write_failures(failures, label="recovered")
         os.unlink(path)
@@ -94,10 +94,9 @@ def _recover(store: Store, path: str) -> int:
         os.close(fd)
 
 
-def _complete(line: bytes) -> bool:
-    """A killed writer may leave half a line."""
+def _parsed(line: bytes) -> Failure | None:
+    """None for the half line a killed writer may leave."""
     try:
-        Failure.model_validate_json(line)
+        return Failure.model_validate_json(line)
     except ValueError:
-        return False
-    return True
+        return None

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 
 from fsspec.implementations.local import LocalFileSystem
 
-from facets.storage.store import open_fs
+from facets.storage.store import open_fs, read_local
 
 LOCKS = "locks"
 LEASE_TTL_S = 60.0  # a crashed holder's lease on an object store is free again after this long
@@ -181,7 +181,7 @@ class LocalLease(Lease):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            self.holder = LeaseOwner.parse(_read_file(self.owner_path))
+            self.holder = LeaseOwner.parse(read_local(self.owner_path))
             return False
         self.fd = fd
         temporary = f"{self.owner_path}.{self.owner.token}.tmp"
@@ -195,14 +195,6 @@ class LocalLease(Lease):
             os.remove(self.owner_path)
         os.close(self.fd)  # lets the lock go
         self.fd = None
-
-
-def _read_file(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
 
 
 class Conflict(Exception):

@@ -66,6 +66,29 @@ def new_writer_id() -> str:
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def read_local(path: str) -> bytes | None:
+    """A whole local file, None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def move_file(fs: fsspec.AbstractFileSystem, source: str, target: str) -> bool:
+    """Move `source` to `target` (a rename on a local disk), making the target's folder; False when
+    `source` is gone already (another process moved it first)."""
+    try:
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            os.rename(source, target)
+        else:
+            fs.mv(source, target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 class Store:
     def __init__(self, root: str | os.PathLike[str], writer_id: str | None = None):
         self.uri = str(root)
@@ -225,13 +248,7 @@ class Store:
         root = self.root.rstrip("/") + "/"
         relative = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
         target = self.path(DAMAGED, relative)
-        try:
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            if self.is_local:
-                os.rename(path, target)
-            else:
-                self.fs.mv(path, target)
-        except FileNotFoundError:
+        if not move_file(self.fs, path, target):
             return False
         log.warning("%s cannot be read (%s): moved to %s; its rows are made again", self.uri_of(path), problem,
                     self.uri_of(target))

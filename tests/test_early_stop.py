@@ -21,6 +21,7 @@ from facets.llm.errors import FatalEndpointError, TooManyFailures
 from facets.llm.gateway import Gateway
 from facets.llm.simulator import run_simulator
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits, Retries, Sampling
+from facets.schemas import Failure
 from facets.storage import Store
 
 SOURCES = Path(__file__).parent / "data" / "sources"
@@ -191,3 +192,34 @@ def test_an_endpoint_that_fails_every_call_stops_at_the_preflight_probe_within_t
         took = time.monotonic() - started
     assert "before any paid work" in str(caught.value) and reason in str(caught.value)
     assert took < STALL_S + 3 and server["requests"] <= RETRIES.max_attempts  # one dialect's probe, not four
+
+
+def test_failures_of_a_process_killed_with_sigkill_are_written_by_the_next_build(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from facets.storage.failure_log import FailureLog, recover_failures
+
+    child = f"""
+import os, signal
+from facets.schemas import Failure
+from facets.schemas import Failure
+from facets.storage import Store
+from facets.storage.failure_log import FailureLog
+log = FailureLog(Store({str(tmp_path)!r}), "responses")
+for i in range(2):
+    log.add(Failure(stage="responses", key=f"i{{i}}#0", reason="length", raw_output=f"cut reply {{i}}"))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", child], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    store = Store(str(tmp_path))
+    alive = FailureLog(store, "trees")  # a live process's file is left to it
+    alive.add(Failure(stage="trees", key="i9#0", reason="rejected", raw_output="mine"))
+    assert recover_failures(store) == 2
+    kept = store.read("failures").to_pylist()
+    assert sorted((f["key"], f["raw_output"]) for f in kept) == [("i0#0", "cut reply 0"), ("i1#0", "cut reply 1")]
+    assert recover_failures(store) == 0 and os.path.exists(alive.path)
+    alive.close()
