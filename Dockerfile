@@ -18,9 +18,15 @@ COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY storage/ storage/
 COPY llm/ llm/
+COPY simulator/ simulator/
+COPY ingest/ ingest/
 COPY tasks/ tasks/
+COPY pipeline/ pipeline/
+COPY release/ release/
+COPY evaluation/ evaluation/
 COPY flows/ flows/
 COPY training/ training/
+COPY testing/ testing/
 
 # EXTRAS: e.g. "[training]" for the GPU worker. EXTRA_PACKAGES: e.g. "s3fs" for an s3:// data dir.
 ARG EXTRAS=""

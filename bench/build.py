@@ -83,7 +83,7 @@ def write_instructions(path: Path, count: int, seed: int = 0) -> None:
     """`count` distinct prompts that the paper's rules keep, as {"prompt": ...} lines."""
     import orjson
 
-    from facets.tasks.filters import drop_reason
+    from facets.ingest.filters import drop_reason
 
     generator = _ingest_bench()
     rng = random.Random(seed)
@@ -268,7 +268,7 @@ def measure(args: argparse.Namespace) -> dict:
 def run_size(n: int, args: argparse.Namespace, scratch: Path) -> dict:
     import psutil
 
-    from facets.llm.simulator import SimulatorProcess
+    from facets.simulator.server import SimulatorProcess
 
     home = scratch / f"n{n}"
     home.mkdir(parents=True)

@@ -280,7 +280,7 @@ def worker(args: argparse.Namespace) -> None:
 # --- the driver -------------------------------------------------------------------------------
 
 def run_contender(name: str, n: int, args: argparse.Namespace, scratch: Path) -> dict:
-    from facets.llm.simulator import SimulatorProcess
+    from facets.simulator.server import SimulatorProcess
 
     rpm = 0 if args.micro else args.rpm
     sim = SimulatorProcess(rpm=rpm, latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, seed=args.seed)

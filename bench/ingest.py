@@ -110,7 +110,7 @@ def generate(directory: Path, rows: int, seed: int = 0) -> dict[str, Path]:
 
 def measure(data_dir: Path, workers: int, sources: list[str]) -> dict:
     """Runs in a fresh process: ingest once, report time, rows, CPU time and peak RSS."""
-    from facets.tasks.ingest import default_workers, ingest
+    from facets.ingest.pool import default_workers, ingest
 
     workers = workers or default_workers()
     before = os.times()

@@ -142,8 +142,9 @@ class CpuByPart(threading.Thread):
 
 
 def run_workers(workers: int, args: argparse.Namespace, source: Path, scratch: Path, s3) -> dict:
-    from facets.flows.commands.server import LocalPrefect, free_port, scratch_database
-    from facets.llm.simulator import SimulatorProcess
+    from facets.flows.commands.server import LocalPrefect, free_port
+    from facets.testing.postgres import scratch_database
+    from facets.simulator.server import SimulatorProcess
 
     home = scratch / f"w{workers}"
     home.mkdir(parents=True)
@@ -384,7 +385,7 @@ def main() -> int:
     if args.worker_limit is None:
         args.worker_limit = args.concurrency
     args.why_small = "--quick sanity run" if args.quick else "the largest this machine ran in the time given"
-    from facets.storage.s3_server import S3Server
+    from facets.testing.s3_server import S3Server
 
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="facets-scale-bench-"))
     source = scratch / "instructions.jsonl"

@@ -46,8 +46,7 @@ async def main():
                                       sampling=Sampling(max_tokens=1000))
         if way == "lease":
             await asyncio.gather(*(one(i) for i in range(calls)))
-            from facets.llm.limiter import shared_limiter
-            trips = shared_limiter(gateway.url, "facets-sim", limits).lease.trips
+            trips = gateway.limiters.get(gateway.url, "facets-sim", limits).lease.trips
         else:
             from prefect.concurrency.asyncio import rate_limit
             pending = []
@@ -72,7 +71,7 @@ def max_in_window(times: list[float], window: float) -> int:
 
 
 def run_way(way: str, args: argparse.Namespace, api_url: str | None) -> dict:
-    from facets.llm.simulator import SimulatorProcess
+    from facets.simulator.server import SimulatorProcess
 
     name = f"facets-bench-{uuid.uuid4().hex[:8]}"
     if way == "prefect":

@@ -1,6 +1,6 @@
 """The `build-shard` flow: every stage of one shard, as a flow run that a worker of the pool takes.
 
-`build-collection` with `shard_deployment` starts one run of this flow per shard (flows/dispatch.py).
+`build-collection` with `shard_deployment` starts one run of this flow per shard (pipeline/dispatch.py).
 A run reads its instructions from the data dir, reuses the stored rows and journaled calls of its shard,
 writes its rows, reports after each stage how many instructions came through (builds/<build>/progress/,
 so the build draws replacements at once), and leaves a summary at builds/<build>/<shard key>.json for the
@@ -17,15 +17,16 @@ import time
 
 from prefect import flow, get_run_logger, runtime
 
-from facets.flows.build import open_context, run_stages
-from facets.flows.dispatch import JournalScope, progress_parts, summary_parts
+from facets.pipeline.open_context import open_context
+from facets.pipeline.shard_run import run_stages
+from facets.pipeline.dispatch import JournalScope, progress_parts, summary_parts
 from facets.llm.errors import RunAborted
 from facets.schemas.config import BuildConfig
 from facets.schemas.shards import ShardProgress, ShardSpec, ShardSummary
 from facets.storage import Store
-from facets.tasks.plan import STAGES
-from facets.tasks.selection import load_instructions
-from facets.tasks.shard import Shard
+from facets.schemas.stages import STAGE_NAMES
+from facets.pipeline.selection import load_instructions
+from facets.pipeline.shard import Shard
 
 
 TREE_LEASE_S = 60  # a dead worker's tree slot is free again after this long
@@ -46,7 +47,7 @@ def stored_files(store: Store, shard: ShardSpec) -> dict[str, list[str]]:
     of this build: they hold other instructions, and the small ones span every bucket range."""
     own = f"{shard.name}-"
     found = {}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         before = [f"{store.table_dir(stage)}/{name}" for name in shard.stored.get(stage, [])]
         mine = [f for f in store.files(stage) if f.rsplit("/", 1)[-1].startswith(own)]
         found[stage] = list(dict.fromkeys(before + mine))
@@ -55,7 +56,7 @@ def stored_files(store: Store, shard: ShardSpec) -> dict[str, list[str]]:
 
 def reporter(store: Store, shard: ShardSpec, work: Shard):
     """After each stage: how many of the shard's instructions came through, for the build to draw
-    replacements for the rest at once (flows/dispatch.py, `ProgressWatcher`)."""
+    replacements for the rest at once (pipeline/dispatch.py, `ProgressWatcher`)."""
     run_id = str(runtime.flow_run.id)
 
     async def report(stage: str) -> None:

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("facets.flows.commands.train", "Train SFT, DPO or ORPO on a release with the paper's recipe"),
     "bench": ("facets.flows.commands.bench", "Build the Multifaceted Bench: system messages, reference answers, rubrics"),
     "eval": ("facets.flows.commands.eval", "Generate responses on the bench and grade them with an LLM judge"),
+    "report": ("facets.flows.commands.report", "A release's data report (ROUGE-L, coverage, lengths) and 1/2/3-message subsets"),
 }
 
 
@@ -48,7 +49,44 @@ def beat_by_default() -> None:
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
 
 
+# Commands that write a data dir (and so may create it); the others read one that exists, or none.
+WRITERS = frozenset({"ingest", "build", "bench", "eval", "train", "server"})
+
+
+def prefect_home_by_default(argv: list[str]) -> None:
+    """Prefect keeps its state (profiles, the embedded server's SQLite database) in `.prefect` of the
+    command's local data dir (`--data-dir`, else ./data; `facets server`: the project's data/), not in
+    ~/.prefect; a PREFECT_HOME the user set wins. Set before Prefect reads its settings."""
+    if os.environ.get("PREFECT_HOME") or not argv:
+        return
+    command, flags = argv[0], argv[1:]
+    data_dir = _flag(flags, "--data-dir") or os.path.join(_flag(flags, "--project-dir") or ".", "data")
+    if "://" in data_dir:  # object storage: Prefect's state stays on this machine
+        data_dir = "data"
+    if command not in WRITERS and not os.path.isdir(data_dir):
+        return  # a data dir a reader is about to find missing is not created by it
+    home = os.path.abspath(os.path.join(data_dir, ".prefect"))
+    try:
+        os.makedirs(home, exist_ok=True)  # Prefect makes only the last folder
+    except OSError:
+        return  # Prefect's default; the command itself reports the unwritable data dir
+    os.environ["PREFECT_HOME"] = home
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `name VALUE` or `name=VALUE` in argv (the last one, as argparse takes it)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own (a caller passing argv keeps its own Prefect settings)
+        prefect_home_by_default(sys.argv[1:])
     argv = sys.argv[1:] if argv is None else list(argv)
     beat_by_default()
     if argv[:1] == ["--version"]:

@@ -19,35 +19,30 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from facets.flows.build import load_templates, retry_unless_aborted
+from facets.pipeline.shard_run import retry_unless_aborted
+from facets.tasks.stages import RUNNERS, load_templates
 from facets.llm.batch import BatchRunner
 from facets.llm.budget import Budget
 from facets.llm.gateway import Gateway
 from facets.llm.journal import Journal
+from facets.llm.limiters import Limiters
 from facets.llm.preflight import check_endpoint, choose_structured_output
 from facets.schemas import BenchRow, Rubric, instruction_id
-from facets.schemas.config import LLM_STAGES
+from facets.schemas.stages import LLM_STAGES
 from facets.schemas.evaluation import BENCHMARKS, BenchConfig, EvalConfig
 from facets.storage import Store
 from facets.storage.lease import data_dir_lease
-from facets.tasks import bench_rubrics, preference_sets, preference_trees, responses, system_messages
-from facets.tasks.bench_release import load_bench, publish_bench, split_contaminated, training_prompts
-from facets.tasks.bench_rubrics import BenchContext, load_rubric_template, rubrics_of
-from facets.tasks.bench_sources import BenchPrompt, load_bench_prompts
+from facets.evaluation import rubrics as bench_rubrics
+from facets.schemas.stages import BENCH_STAGES
+from facets.evaluation.bench_release import load_bench, publish_bench, split_contaminated, training_prompts
+from facets.evaluation.rubrics import BenchContext, load_rubric_template, rubrics_of
+from facets.evaluation.sources import BenchPrompt, load_bench_prompts
 from facets.tasks.plan import buckets_per_shard, shard_ranges
-from facets.tasks.shard import Shard
+from facets.pipeline.shard import Shard
 
-BENCH_STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", bench_rubrics.STAGE)
-BENCH_RUNNERS = {
-    "preference_trees": preference_trees.run,
-    "preference_sets": preference_sets.run,
-    "system_messages": system_messages.run,
-    "responses": responses.run,
-    bench_rubrics.STAGE: bench_rubrics.run,
-}
+BENCH_RUNNERS = {**{name: RUNNERS[name] for name in BENCH_STAGES[:-1]}, bench_rubrics.STAGE: bench_rubrics.run}
 # an item left out, by the first of its rows that is missing
-MISSING = (("preference_trees", "preference tree missing"), ("preference_sets", "preference set missing"),
-           ("system_messages", "system message missing"), ("responses", "reference answer missing"))
+MISSING = tuple((name, f"{name} missing") for name in BENCH_STAGES[:-1])
 
 
 @task(name="bench-stage", cache_policy=NO_CACHE, task_run_name="bench-{stage}-{shard.name}", retry_delay_seconds=2)
@@ -65,7 +60,8 @@ async def open_bench_context(config: BenchConfig, store: Store) -> BenchContext:
     structured = [build.model_of("preference_trees"), config.rubric_model()]  # the stages that parse JSON
     build = build.model_copy(update={"endpoint": await choose_structured_output(build.endpoint, structured, journal)})
     stages = (*LLM_STAGES, bench_rubrics.STAGE)
-    gateways = {stage: Gateway(build.endpoint, journal, budget) for stage in stages}
+    limiters = Limiters()  # one pace per model for all stages of the bench build
+    gateways = {stage: Gateway(build.endpoint, journal, budget, limiters=limiters) for stage in stages}
     for model in models:
         gateways["responses"].check_price(model)
     batches = None
@@ -202,6 +198,7 @@ class EvalReport(BaseModel):
     generated: dict[str, dict] = Field(default_factory=dict)   # label -> generation report
     judged: dict | None = None
     summary: list[dict] = Field(default_factory=list)
+    published: list[dict] = Field(default_factory=list)         # the paper's Table 2 rows (published bench)
     markdown: str = ""
     outputs: dict[str, str] = Field(default_factory=dict)
     seconds: float = 0.0
@@ -211,7 +208,7 @@ class EvalReport(BaseModel):
 async def generate_task(config: EvalConfig, label: str) -> dict:
     from dataclasses import asdict
 
-    from facets.tasks.bench_generate import generate
+    from facets.evaluation.generate import generate
 
     spec = next(m for m in config.models if m.key == label)
     report = await generate(config, spec, load_bench(config.bench), Store(config.data_dir))
@@ -220,19 +217,19 @@ async def generate_task(config: EvalConfig, label: str) -> dict:
 
 @task(name="judge", cache_policy=NO_CACHE)
 async def judge_task(config: EvalConfig, labels: list[str]) -> dict:
-    from facets.tasks.bench_judge import judge_models, summary_markdown, summary_rows
+    from facets.evaluation.judge import judge_models, summary_markdown, summary_rows
 
     report = await judge_models(config, load_bench(config.bench), labels, Store(config.data_dir))
     return {"judged": report.judged, "reused": report.reused, "failed": report.failed,
             "missing_responses": report.missing_responses, "usage": report.usage,
-            "summary": summary_rows(report.summary), "markdown": summary_markdown(report.summary),
-            "outputs": report.outputs}
+            "summary": summary_rows(report.summary), "published": summary_rows([], report.published),
+            "markdown": summary_markdown(report.summary, report.published, report.notes), "outputs": report.outputs}
 
 
 @flow(name="evaluate", log_prints=True, persist_result=False)
 async def evaluate(config: EvalConfig) -> dict:
     """Generate responses to the bench for each model, judge them, and publish the summary table."""
-    from facets.tasks.bench_judge import response_labels
+    from facets.evaluation.judge import response_labels
 
     started = time.monotonic()
     logger = get_run_logger()
@@ -253,17 +250,22 @@ async def evaluate(config: EvalConfig) -> dict:
         for label, g in report.generated.items():
             logger.info("%s: %d of %d responses (%d reused, %d made, %d failed, %d cut at max_tokens)",
                         label, g["reused"] + g["made"], g["items"], g["reused"], g["made"], g["failed"], g["truncated"])
+            for note in g.get("notes", []):
+                logger.warning("%s: %s", label, note)
     if "judge" in config.steps:
         labels = labels or response_labels(Store(config.data_dir), bench.version)
         if not labels:
             raise ValueError(f"no responses to judge for bench {bench.version} in {config.data_dir}")
         judged = await judge_task(config, labels)
         report.summary, report.markdown, report.outputs = judged.pop("summary"), judged.pop("markdown"), judged.pop("outputs")
+        report.published = judged.pop("published")
         report.judged = judged
         from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
-        await acreate_table_artifact(report.summary, key="evaluate-summary",
-                                     description=f"Multifaceted Bench {bench.version}: mean judge score (1-5) per benchmark")
+        beside = " beside the paper's Table 2 (rows marked published)" if report.published else ""
+        await acreate_table_artifact(report.summary + report.published, key="evaluate-summary",
+                                     description=f"Multifaceted Bench {bench.version}: mean judge score (1-5) per "
+                                                 f"benchmark{beside}")
         await acreate_markdown_artifact(f"## Multifaceted Bench {bench.version}\n\n{report.markdown}",
                                         key="evaluate-report", description="models by benchmark, with coverage")
         logger.info("\n%s", report.markdown)

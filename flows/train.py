@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -27,15 +26,41 @@ def visible_gpus() -> int:
 
 
 def processes_for(config: TrainConfig) -> int:
+    """One per GPU by default; on the CPU one, unless num_processes asks for more (gloo: tests of sharding)."""
     if config.device == "cpu":
-        return 1
+        return config.num_processes or 1
     return config.num_processes or max(1, visible_gpus())
 
 
-def launch_command(config_file: Path, processes: int) -> list[str]:
-    """One process per GPU; each runs the same config, and accelerate wires them together."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-            "-m", "facets.training.run", "--config", str(config_file), "--processes", str(processes)]
+def gpu_memory_gib() -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def launch_command(config: TrainConfig, config_file: Path, processes: int) -> list[str]:
+    """One process per GPU with the shipped accelerate config (FSDP2 or data parallel); each runs the same
+    config, and accelerate wires them together."""
+    from facets.training.sharding import launch_command as accelerate_launch
+
+    checkpointing = config.device != "cpu" if config.gradient_checkpointing is None else config.gradient_checkpointing
+    return accelerate_launch(config_file, processes, sharded=config.sharding == "fsdp",
+                             mixed_precision="no" if config.precision == "fp32" else "bf16",
+                             activation_checkpointing=checkpointing, cpu_offload=config.cpu_offload,
+                             port=free_port())
+
+
+def free_port() -> int:
+    """A port for the processes to meet on: accelerate's fixed default clashes with any other run on the host."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def prefect_progress():
@@ -49,8 +74,8 @@ def prefect_progress():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            shown = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
-            get_run_logger().info("step %d/%d %s", state.global_step, state.max_steps, shown)
+            if "loss" in logs:
+                get_run_logger().info("step %d/%d: %s", state.global_step, state.max_steps, step_line(logs))
             percent = 100 * state.global_step / max(1, state.max_steps)
             if self.artifact is None:
                 self.artifact = create_progress_artifact(percent, key="train-progress")
@@ -60,23 +85,50 @@ def prefect_progress():
     return PrefectProgress()
 
 
-@task(name="check-inputs", cache_policy=NO_CACHE)
-def check(config: TrainConfig) -> TrainConfig:
-    from facets.training.run import check_inputs, resolve_device
+def step_line(logs: dict) -> str:
+    """loss 2.3456, lr 1.25e-06, grad norm 0.6118: rounded as a person reads them."""
+    parts = [f"loss {logs['loss']:.4f}"]
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.3g}")
+    if "grad_norm" in logs:
+        parts.append(f"grad norm {logs['grad_norm']:.4g}")
+    return ", ".join(parts)
+
+
+# log_prints stays off for the flow and its tasks: `datasets` hashes functions with dill, which reads a
+# function's globals from `dis.dis` output printed into a captured stdout; Prefect's print patch sends
+# that print to the run log instead (hundreds of bytecode lines) and dill finds no globals at all.
+@task(name="check-inputs", cache_policy=NO_CACHE, log_prints=False)
+def check(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
+    """The checked config, and the summary of the run when it already finished in its output folder."""
+    from facets.training.run import check_inputs, finished_run, resolve_device
+
+    from facets.training.sharding import resolve_sharding
 
     checked = check_inputs(config)
-    resolve_device(checked)
-    return checked
+    done = finished_run(checked)
+    if done is not None:
+        return checked, done.model_dump(mode="json")
+    on_gpu = resolve_device(checked) == "cuda"
+    checked, memory = resolve_sharding(checked, processes_for(checked), gpu_memory_gib() if on_gpu else None)
+    logger = get_run_logger()
+    if memory is None:
+        logger.info("memory plan: the shape of %s is not known before loading it", checked.base_model)
+    elif memory.fits or not on_gpu:
+        logger.info("%s", memory.text())
+    else:
+        logger.warning("%s", memory.text())
+    return checked, None
 
 
-@task(name="train-in-process", cache_policy=NO_CACHE)
+@task(name="train-in-process", cache_policy=NO_CACHE, log_prints=False)
 def train_here(config: TrainConfig) -> dict:
     from facets.training.run import train
 
     return train(config, callbacks=[prefect_progress()]).model_dump(mode="json")
 
 
-@task(name="train-accelerate", cache_policy=NO_CACHE)
+@task(name="train-accelerate", cache_policy=NO_CACHE, log_prints=False)
 def train_launched(config: TrainConfig, processes: int) -> dict:
     from facets.training.run import CONFIG_FILE, SUMMARY_FILE
 
@@ -84,7 +136,7 @@ def train_launched(config: TrainConfig, processes: int) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     config_file = output / f"launch_{CONFIG_FILE}"
     config_file.write_text(config.model_dump_json(indent=2))
-    subprocess.run(launch_command(config_file, processes), check=True)
+    subprocess.run(launch_command(config, config_file, processes), check=True)
     return json.loads((output / SUMMARY_FILE).read_text())
 
 
@@ -94,7 +146,7 @@ def publish_artifacts(result: dict) -> None:
     from facets.training.metrics import LOSS_CURVE_FILE, loss_points, read_metrics
 
     records = read_metrics(result["output_dir"])
-    create_table_artifact([{"step": s, "loss": round(loss, 5)} for s, loss in loss_points(records)],
+    create_table_artifact([{"step": s, "loss": round(loss, 4)} for s, loss in loss_points(records)],
                           key="train-loss", description=f"{result['method']} training loss per logged step")
     curve = Path(result["output_dir"]) / LOSS_CURVE_FILE
     picture = ""
@@ -109,15 +161,23 @@ def publish_artifacts(result: dict) -> None:
         key="train-summary", description="training summary")
 
 
-@flow(name="train", log_prints=True, persist_result=False)
+@flow(name="train", log_prints=False, persist_result=False)
 def train(config: TrainConfig) -> dict:
-    """Train on a release with the paper's recipe for the method, unless the config overrides it."""
+    """Train on a release with the paper's recipe for the method, unless the config overrides it; a run
+    already finished in its output folder is not trained again (a larger max_steps goes on from it)."""
     logger = get_run_logger()
-    config = check(config)
+    config, done = check(config)
+    if done is not None:
+        logger.info("%s already trained: %d steps, final loss %s (%s); pass a larger max_steps to go on, or "
+                    "--no-resume to start over", done["output_dir"], done["steps"], done["final_loss"],
+                    "train_summary.json")
+        publish_artifacts(done)
+        return done
     processes = processes_for(config)
-    logger.info("%s on %s (%s) from %s -> %s, %d process(es)", config.method, config.release, config.subset,
-                config.base_model, config.output_dir, processes)
-    result = train_launched(config, processes) if processes > 1 else train_here(config)
+    logger.info("%s on %s (%s) from %s -> %s, %d process(es), sharding %s", config.method, config.release,
+                config.subset, config.base_model, config.output_dir, processes, config.sharding)
+    launched = processes > 1 or config.sharding == "fsdp"
+    result = train_launched(config, processes) if launched else train_here(config)
     lengths = result["lengths"]
     if lengths["too_long"]:
         logger.warning("%d of %d rows were longer than %d tokens and left out", lengths["too_long"], lengths["rows"],

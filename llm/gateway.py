@@ -11,13 +11,14 @@ or most recent calls failing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -32,7 +33,8 @@ from facets.llm.dialects import json_schema_format as _json_schema_format
 from facets.llm.errors import (CallError, EndpointUnreachable, FatalEndpointError, MissingCredentials, RunAborted,
                                TooManyFailures)
 from facets.llm.journal import KEY_BYTES, Journal, JournalEntry, request_key
-from facets.llm.limiter import shared_limiter
+from facets.llm.limiter import Limiter
+from facets.llm.limiters import Limiters
 from facets.llm.pricing import PriceTable
 from facets.llm.slots import CallSlots, connection_limit
 from facets.llm.tokens import TokenEstimator
@@ -135,8 +137,9 @@ def endpoint_transport(endpoint: EndpointConfig) -> Transport:
 
 class Gateway:
     def __init__(self, endpoint: EndpointConfig, journal: Journal | None = None, budget: Budget | None = None,
-                 slots: CallSlots | None = None, priority: int = 0, transport: Transport | None = None):
-        """`slots` and `transport`, when given, are shared with other gateways of the same endpoint and
+                 slots: CallSlots | None = None, priority: int = 0, transport: Transport | None = None,
+                 limiters: Limiters | None = None):
+        """`slots`, `transport` and `limiters`, when given, are shared with other gateways of the same run and
         closed by whoever made them."""
         self.endpoint = endpoint
         self.url = endpoint.url
@@ -150,6 +153,8 @@ class Gateway:
         self.transport = transport or endpoint_transport(endpoint)
         # gateways of one run share the slots, so max_in_flight holds per endpoint, not per gateway
         self._slots = slots or CallSlots(endpoint.limits)
+        self._owns_limiters = limiters is None
+        self.limiters = limiters or Limiters()
         # gateways sharing slots take their turns by priority: a build's later stages go first, so an
         # instruction already under way finishes before new ones start and trees fill what budget is left
         self.priority = priority
@@ -173,6 +178,8 @@ class Gateway:
     async def aclose(self) -> None:
         if self._owns_transport:
             await self.transport.close()
+        if self._owns_limiters:
+            self.limiters.close()
         if self.journal is not None:
             self.journal.seal()
 
@@ -418,62 +425,61 @@ class Gateway:
         return max(told, random.uniform(0, ceiling))
 
     async def _attempt(self, body: dict, model: str, max_tokens: int, extra_chars: int):
-        limiter = shared_limiter(self.url, model, self.endpoint.limits)
+        limiter = self.limiters.get(self.url, model, self.endpoint.limits)
         raw_estimate = self.estimator.raw(body["messages"], extra_chars)
         input_tokens = self.estimator.estimate(body["messages"], extra_chars)
         price = self.prices.get(model)
         worst_case = price.cost(input_tokens, max_tokens) if price else 0.0
-        reservation = held = None
-        try:
-            async with self._slots.reserving.slot(self.priority):
-                output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
-                reservation, wait = limiter.reserve(input_tokens, output_tokens)
-                while wait > 0:  # its place may have moved while it slept: it looks again
-                    await (_until_paid(limiter, reservation, wait) if limiter.leased else _sleep_to_tick(wait))
-                    wait = limiter.due_in(reservation)
-                while (pause := limiter.pause_remaining()) > 0:
-                    await asyncio.sleep(pause)
-                while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
-                    await asyncio.sleep(BUDGET_WAIT_S)
-                await self._slots.in_flight.acquire(self.priority)
-        except BaseException:  # cancelled while waiting its turn: give back what it holds
-            if reservation is not None:
-                limiter.withdraw(reservation)
-            if held is not None:
-                self.budget.settle(held, 0.0)
-            raise
-        try:
-            if self.aborted is not None:  # the run stopped while this call waited for its turn
-                limiter.withdraw(reservation)
-                self.budget.settle(held, 0.0)
-                self._stop_if_aborted()
-            limiter.sent(reservation)
+        output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
+        async with self._admitted(limiter, input_tokens, output_tokens, worst_case) as turn:
+            self._stop_if_aborted()  # the run stopped while this call waited for its turn
+            turn.send()
             started = time.perf_counter()
             self.usage.requests += 1
             try:
                 reply = await self.transport.chat(body)
             except CallError as exc:
                 self._count_error(exc, limiter)
-                limiter.release(reservation)
-                self.budget.settle(held, 0.0)
                 self._attempt_failed(exc.reason)
                 raise
-            except BaseException:
-                limiter.release(reservation)
-                self.budget.settle(held, 0.0)
-                raise
-        finally:
-            self._slots.in_flight.release()
         latency = time.perf_counter() - started
         self._slots.observe(latency)
         cost = price.cost(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens) if price else None
-        self.budget.settle(held, cost or 0.0)
-        limiter.observe_headers(reply.headers, reservation)
-        limiter.settle(reservation, reply.prompt_tokens, reply.completion_tokens)
+        turn.settle(cost or 0.0, reply)
         self.estimator.observe(raw_estimate, reply.prompt_tokens)
         self._learn_output(model, reply.completion_tokens)
         self.usage.add_reply(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, cost, latency)
         return reply, latency
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, limiter: Limiter, input_tokens: int, output_tokens: float,
+                        worst_case: float) -> AsyncIterator["_Turn"]:
+        """A call's turn to go out: its place in the limiter's pace, its worst case held from the spend cap and
+        an in-flight slot, taken in that order. Whatever ends the call (cancelled while waiting, the run
+        stopped, a failed request), what it holds is given back; the slot is free again once the body ends."""
+        turn = _Turn(limiter, self.budget)
+        try:
+            async with self._slots.reserving.slot(self.priority):
+                turn.reservation, wait = limiter.reserve(input_tokens, output_tokens)
+                while wait > 0:  # its place may have moved while it slept: it looks again
+                    await (_until_paid(limiter, turn.reservation, wait) if limiter.leased else _sleep_to_tick(wait))
+                    wait = limiter.due_in(turn.reservation)
+                while (pause := limiter.pause_remaining()) > 0:
+                    await asyncio.sleep(pause)
+                while (held := self.budget.reserve(worst_case)) is None:  # calls in flight hold the rest of the cap
+                    await asyncio.sleep(BUDGET_WAIT_S)
+                turn.held = held
+                await self._slots.in_flight.acquire(self.priority)
+        except BaseException:
+            turn.give_back()
+            raise
+        try:
+            yield turn
+        except BaseException:
+            turn.give_back()
+            raise
+        finally:
+            self._slots.in_flight.release()
 
     def _count_error(self, exc: CallError, limiter) -> None:
         if exc.status == 429:
@@ -644,3 +650,31 @@ async def run_bounded(calls: Iterable[Awaitable[T]] | Iterable[Callable[[], Awai
     await asyncio.gather(*(worker() for _ in range(limit)))
     results.extend(slots[i] for i in sorted(slots))
     return results
+
+
+class _Turn:
+    """What one admitted call holds: a limiter reservation and a part of the spend cap."""
+
+    __slots__ = ("limiter", "budget", "reservation", "held", "sent")
+
+    def __init__(self, limiter: Limiter, budget: Budget):
+        self.limiter, self.budget = limiter, budget
+        self.reservation = self.held = None
+        self.sent = False
+
+    def send(self) -> None:
+        self.limiter.sent(self.reservation)
+        self.sent = True
+
+    def settle(self, cost: float, reply: Reply) -> None:
+        """An answered call pays what it cost and tells the limiter what it used."""
+        self.budget.settle(self.held, cost)
+        self.limiter.observe_headers(reply.headers, self.reservation)
+        self.limiter.settle(self.reservation, reply.prompt_tokens, reply.completion_tokens)
+
+    def give_back(self) -> None:
+        """Unsent, its place goes back to the pace; sent and failed, the limiter counts the request only."""
+        if self.reservation is not None:
+            (self.limiter.release if self.sent else self.limiter.withdraw)(self.reservation)
+        if self.held is not None:
+            self.budget.settle(self.held, 0.0)

@@ -377,23 +377,3 @@ def _wake(paid: list[Callable[[], None]]) -> None:
     """Outside the limiter's lock: a wake-up may take the lock of another event loop."""
     for on_paid in paid:
         on_paid()
-
-
-_SHARED: dict[tuple[str, str], Limiter] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_limiter(endpoint: str, model: str, limits: RateLimits) -> Limiter:
-    """One limiter per (endpoint, model) per process, shared by every gateway that calls it; with
-    `limits.share_via`, one limit shared by every process that calls it (llm/limit_share.py)."""
-    with _SHARED_LOCK:
-        limiter = _SHARED.get((endpoint, model))
-        if limiter is None or limiter.limits != limits:
-            if limiter is not None and limiter.lease is not None:
-                limiter.lease.close()
-            limiter = _SHARED[(endpoint, model)] = Limiter(limits, leased=bool(limits.share_via))
-            if limits.share_via:
-                from facets.llm.limit_share import LimitLease
-
-                limiter.lease = LimitLease(limits.share_via, f"{endpoint}|{model}", limiter)
-        return limiter

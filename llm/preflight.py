@@ -19,6 +19,7 @@ from facets.llm.errors import (BadRequest, CallError, EndpointUnreachable, Fatal
                                TooManyFailures)
 from facets.llm.gateway import SIMULATOR_HINT, UNREACHABLE, Call, Gateway, Rejected, endpoint_transport
 from facets.llm.journal import Journal
+from facets.llm.limiters import Limiters
 from facets.schemas.config import EndpointConfig, Sampling
 
 # a server's id for a model may carry a folder or org prefix, a weights file's extension, other case
@@ -100,13 +101,14 @@ async def choose_structured_output(endpoint: EndpointConfig, models: list[str],
     unreachable endpoint stop as they always do. Probes are journaled: a rerun sends none."""
     dialects = list(DIALECTS) if endpoint.structured_output == "auto" else [endpoint.structured_output]
     models = list(dict.fromkeys(models))
-    transport = endpoint_transport(endpoint)
+    transport, limiters = endpoint_transport(endpoint), Limiters()
     try:
-        gateways = {d: Gateway(endpoint.model_copy(update={"structured_output": d}), journal, transport=transport)
-                    for d in dialects}
+        gateways = {d: Gateway(endpoint.model_copy(update={"structured_output": d}), journal, transport=transport,
+                               limiters=limiters) for d in dialects}
         chosen, answers = await _first_answered(gateways, models)
     finally:
         await transport.close()
+        limiters.close()
     named = f"model{'s' if len(models) > 1 else ''} {', '.join(models)}"
     if chosen is None:
         said = "; ".join(f"{d}: {answer}" for d, answer in answers.items())

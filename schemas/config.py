@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from facets.schemas.stages import LLM_STAGES, STAGES
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # 2 MiB: a 4096-token reply is about 16 KiB of text, a hundred times over even with n > 1 and JSON escapes
 DEFAULT_MAX_REPLY_BYTES = 2 * 1024 * 1024
@@ -118,8 +120,7 @@ class EndpointConfig(Config):
         return (self.base_url or DEFAULT_BASE_URL).rstrip("/")
 
 
-LLM_STAGES = ("preference_trees", "system_messages", "responses")
-LLMStage = Literal["preference_trees", "system_messages", "responses"]
+LLMStage = Literal[LLM_STAGES]  # the names of the stages that make calls (schemas/stages.py)
 
 
 class StageSettings(Config):
@@ -131,11 +132,7 @@ class StageSettings(Config):
 
 def _default_stages() -> dict[str, StageSettings]:
     # docs/ARCHITECTURE.md, decision 9: the paper published none for these stages; trees and system messages 2048, responses 4096
-    return {
-        "preference_trees": StageSettings(sampling=Sampling(max_tokens=2048)),
-        "system_messages": StageSettings(sampling=Sampling(max_tokens=2048)),
-        "responses": StageSettings(sampling=Sampling(max_tokens=4096)),
-    }
+    return {stage.name: StageSettings(sampling=Sampling(max_tokens=stage.max_tokens)) for stage in STAGES if stage.calls_llm}
 
 
 class TrainAfter(Config):

@@ -38,6 +38,10 @@ BENCHMARKS: dict[str, str] = {
 }
 # Paper: gpt-4-0125-preview wrote the references and rubrics and judged (absolute 1-5, Prometheus style).
 JUDGE_MODEL = "gpt-4-0125-preview"
+# The paper's inference script samples open models with this repetition penalty (vLLM); OpenAI models without.
+PAPER_REPETITION_PENALTY = 1.03
+OPEN_FORMATS = ("mistral", "chat")
+NO_SYSTEM_SUFFIX = " (no system message)"
 PromptFormat = Literal["mistral", "chat", "openai"]
 
 
@@ -50,6 +54,7 @@ class GenerationSampling(Sampling):
     (a config that names only some fields keeps these defaults for the others)."""
 
     max_tokens: int = Field(1024, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, description="sent only when set (open models' servers)")
 
 
 def generation_sampling() -> GenerationSampling:
@@ -120,7 +125,9 @@ class BenchConfig(Config):
     """Everything a `build-bench` run needs; `facets bench build` flags mirror it."""
 
     sources: list[str] = Field(default_factory=list, description="NAME=PATH, NAME one of " + ", ".join(BENCHMARKS))
-    per_benchmark: int | None = Field(None, ge=1, description="items drawn per benchmark (seeded); None = all")
+    per_benchmark: int | dict[str, int] | None = Field(
+        None, description="items drawn per benchmark (seeded): one count for all, or a count per benchmark "
+                          "(`--target-counts` reads the published bench's); None = all")
     seed: int = 0
     data_dir: str = "data"
     against: list[str] = Field(default_factory=list,
@@ -135,6 +142,17 @@ class BenchConfig(Config):
     batch_poll_s: float = Field(30.0, gt=0)
     templates_dir: str | None = None
     publish: bool = True
+
+    @field_validator("per_benchmark")
+    @classmethod
+    def _counts(cls, value):
+        counts = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(n < 0 for n in counts) or (isinstance(value, int) and value < 1):
+            raise ValueError("per_benchmark counts must be positive")
+        unknown = set(value) - set(BENCHMARKS) if isinstance(value, dict) else set()
+        if unknown:
+            raise ValueError(f"per_benchmark names unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHMARKS)}")
+        return value
 
     @model_validator(mode="after")
     def _every_stage(self) -> "BenchConfig":
@@ -174,6 +192,10 @@ class ModelSpec(Config):
     limits: RateLimits = Field(default_factory=RateLimits)
     retries: Retries = Field(default_factory=Retries)
     batch_size: int = Field(8, gt=0, description="local generation: prompts per forward batch")
+    repetition_penalty: float | None = Field(
+        None, gt=0, description=f"None: {PAPER_REPETITION_PENALTY} for open models (mistral, chat formats) as the paper, "
+                                "none for openai; sent only where the server takes it")
+    system_message: bool = Field(True, description="False: the item's prompt alone (the paper's no-system-message arm)")
 
     @field_validator("base_url")
     @classmethod
@@ -191,7 +213,18 @@ class ModelSpec(Config):
 
     @property
     def key(self) -> str:
-        return self.label or self.name
+        return self.label or (self.name if self.system_message else self.name + NO_SYSTEM_SUFFIX)
+
+    def penalty(self) -> float | None:
+        if self.repetition_penalty is not None:
+            return self.repetition_penalty
+        return PAPER_REPETITION_PENALTY if self.prompt_format in OPEN_FORMATS else None
+
+    def sampling(self, base: Sampling) -> GenerationSampling:
+        """The run's sampling with this model's repetition penalty."""
+        fields = base.model_dump()
+        fields["repetition_penalty"] = self.penalty()
+        return GenerationSampling.model_validate(fields)
 
     def endpoint(self) -> EndpointConfig:
         """The endpoint config of a served model. A key is read from `api_key`, then `api_key_env`; with an

@@ -15,7 +15,7 @@ class ShardSpec(BaseModel):
     hi: int = Field(ge=0)
     ids: list[str] = Field(min_length=1)
     tree_limit: str | None = Field(None, description="Prefect global concurrency limit the tree stage runs under")
-    journal_tag: str | None = Field(None, description="the build attempt's journal writers (flows/dispatch.py)")
+    journal_tag: str | None = Field(None, description="the build attempt's journal writers (pipeline/dispatch.py)")
     stored: dict[str, list[str]] = Field(
         default_factory=dict,
         description="stage -> names of its files there before the build whose bucket range overlaps the shard's")

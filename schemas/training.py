@@ -44,7 +44,9 @@ class TrainConfig(BaseModel):
     method: Method
     release: str = Field(description="a release folder (releases/<version>), or a folder whose LATEST names one")
     output_dir: str
-    base_model: str = Field(BASE_MODEL, description="a hub id or a local model folder; for DPO, the SFT checkpoint")
+    base_model: str | None = Field(
+        None, description=f"a hub id or a local model folder; default {BASE_MODEL}, but DPO has none: it starts "
+                          "from the SFT model trained on `small` and must be given it")
     subset: str | None = Field(None, description="release subset; default sft, dpo or orpo after the method")
     prompt_format: Literal["mistral", "chat"] = Field(
         "mistral", description="mistral: [INST] {system}\\n{prompt} [/INST]; chat: the tokenizer's chat template")
@@ -76,6 +78,11 @@ class TrainConfig(BaseModel):
     save_total_limit: int = Field(2, gt=0)
     resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
     num_processes: int | None = Field(None, gt=0, description="GPUs to use; more than 1 runs `accelerate launch`")
+    sharding: Literal["auto", "none", "fsdp"] = Field(
+        "auto", description="fsdp: FSDP2 full shard of weights, gradients and optimiser states over the processes; "
+                            "none: every process holds the whole model (data parallel); auto: fsdp when the memory "
+                            "plan says one GPU's copy does not fit")
+    cpu_offload: bool = Field(False, description="with fsdp: weights, gradients and optimiser states in CPU memory")
 
     @model_validator(mode="after")
     def _subset_fits_method(self) -> "TrainConfig":
@@ -83,6 +90,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{self.method} trains on {' or '.join(SUBSETS_OF[self.method])}, not {self.subset!r}")
         if self.liger and self.method == "dpo":
             raise ValueError("liger cannot be used with DPO here: its reference log-probs are precomputed")
+        if self.cpu_offload and self.sharding == "none":
+            raise ValueError("cpu_offload needs sharding fsdp (or auto)")
         if self.packing and self.method != "sft":
             raise ValueError(f"packing is for SFT; {self.method} pairs are never packed")
         return self
@@ -95,6 +104,7 @@ class TrainConfig(BaseModel):
         """The same config with every recipe default written out (what the run records)."""
         recipe = self.recipe
         filled = {
+            "base_model": self.base_model or (None if self.method == "dpo" else BASE_MODEL),
             "subset": self.subset or recipe.subset,
             "epochs": self.epochs or recipe.epochs,
             "learning_rate": self.learning_rate or recipe.learning_rate,

@@ -1,26 +1,12 @@
-"""Which model each stage table holds. Parquet schemas derive from these models only."""
+"""Which model each table holds. Parquet schemas derive from these models only."""
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from facets.schemas import (
-    Failure,
-    GoldResponse,
-    Instruction,
-    Pair,
-    PreferenceSet,
-    PreferenceTree,
-    SystemMessage,
-)
+from facets.schemas import Failure, Instruction
+from facets.schemas.stages import STAGES
 
-STAGE_MODELS: dict[str, type[BaseModel]] = {
-    "instructions": Instruction,
-    "preference_trees": PreferenceTree,
-    "preference_sets": PreferenceSet,
-    "system_messages": SystemMessage,
-    "responses": GoldResponse,
-    "pairs": Pair,
-}
+STAGE_MODELS: dict[str, type[BaseModel]] = {"instructions": Instruction, **{stage.name: stage.row for stage in STAGES}}
 FAILURES = "failures"
 TABLE_MODELS: dict[str, type[BaseModel]] = {**STAGE_MODELS, FAILURES: Failure}
 

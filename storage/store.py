@@ -268,12 +268,6 @@ class Store:
 
         return self.read_files(self.files(table), count)
 
-    def catalog(self):
-        """A DuckDB connection with one view per stage, per release, and `failures`."""
-        from facets.storage.catalog import Catalog
-
-        return Catalog(self)
-
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())

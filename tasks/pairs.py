@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 
 from facets.schemas import Pair
-from facets.tasks.context import BuildContext, Key
-from facets.tasks.shard import Shard
+from facets.pipeline.context import BuildContext, Key
+from facets.pipeline.shard import Shard
 
 STAGE = "pairs"
 

@@ -14,47 +14,44 @@ from typing import NamedTuple
 
 from facets.schemas import NUM_BUCKETS, Instruction, fingerprint
 from facets.schemas.config import BuildConfig
+from facets.schemas.stages import STAGE_NAMES, STAGES, Stage
 from facets.tasks.templates import Template
 
-STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", "pairs")
 # Bump when the deterministic choice of sets or pairs changes: it is part of their fingerprints.
 SELECTION_VERSION = "sel1"
 PAIR_INDEX = -1  # set_index of a pair row in the `expected` table
 
-
-class Fingerprints(NamedTuple):
-    preference_trees: str
-    preference_sets: str
-    system_messages: str
-    responses: str
-    pairs: str
+# One fingerprint per stage, by the stage's name: `fingerprints.responses`.
+Fingerprints = NamedTuple("Fingerprints", [(name, str) for name in STAGE_NAMES])
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The parts of the config and templates that decide each stage's rows."""
+    """The parts of the config and templates that decide each stage's rows, in stage order: a stage that
+    makes calls is decided by its template version, model and sampling; one that chooses without a call by
+    the build settings it names (`Stage.chosen_by`) and the selection rule's version."""
 
-    seed: int
-    sets: int
-    tree: tuple
-    system: tuple
-    response: tuple
+    parts: tuple[tuple, ...]
 
     @classmethod
-    def of(cls, config: BuildConfig, templates: dict[str, Template]) -> "StagePlan":
-        def part(stage: str, template: str) -> tuple:
-            settings = config.stages[stage]
-            return (templates[template].version, config.model_of(stage), settings.sampling.request_fields())
+    def of(cls, config: BuildConfig, templates: dict[str, Template], sets: int | None = None) -> "StagePlan":
+        """`sets`: preference sets per instruction, when not the config's (a bench item has one)."""
+        settings = {"seed": config.seed, "sets_per_instruction": sets or config.sets_per_instruction}
 
-        return cls(config.seed, config.sets_per_instruction, part("preference_trees", "preference_tree"),
-                   part("system_messages", "system_message"), part("responses", "gold_response"))
+        def part(stage: Stage) -> tuple:
+            if stage.calls_llm:
+                sampling = config.stages[stage.name].sampling.request_fields()
+                return (templates[stage.template].version, config.model_of(stage.name), sampling)
+            return (*(settings[name] for name in stage.chosen_by), SELECTION_VERSION)
+
+        return cls(tuple(part(stage) for stage in STAGES))
 
     def fingerprints(self, instruction_id: str) -> Fingerprints:
-        tree = fingerprint("preference_trees", instruction_id, *self.tree)
-        sets = fingerprint("preference_sets", tree, self.seed, self.sets, SELECTION_VERSION)
-        system = fingerprint("system_messages", sets, *self.system)
-        response = fingerprint("responses", system, *self.response)
-        return Fingerprints(tree, sets, system, response, fingerprint("pairs", response, self.seed, SELECTION_VERSION))
+        chain, previous = [], instruction_id
+        for stage, part in zip(STAGES, self.parts):
+            previous = fingerprint(stage.name, previous, *part)
+            chain.append(previous)
+        return Fingerprints(*chain)
 
 
 def seeded_rank(instruction_id: str, seed: int) -> int:

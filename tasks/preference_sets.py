@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 
 from facets.schemas import Failure, Preference, PreferenceSet, PreferenceTree
-from facets.tasks.context import BuildContext, Key
-from facets.tasks.shard import Shard, write_failures
+from facets.pipeline.context import BuildContext, Key
+from facets.pipeline.shard import Shard, write_failures
 
 STAGE = "preference_sets"
 

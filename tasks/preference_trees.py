@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 from facets.schemas import PreferenceTree, PreferenceTreeBody
-from facets.tasks.context import BuildContext, Key, Request
-from facets.tasks.shard import Shard
+from facets.pipeline.context import BuildContext, Key, Request
+from facets.pipeline.shard import Shard
 
 STAGE = "preference_trees"
-TEMPLATE = "preference_tree"
 SEEDS = Path(__file__).parent / "seed_preferences.json"
+TEMPLATE_DATA = (SEEDS,)  # the seeds are part of the prompt: editing them re-keys the trees
 
 
 def seeds_text(path: Path = SEEDS) -> str:
@@ -24,7 +24,7 @@ def seeds_text(path: Path = SEEDS) -> str:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    template, model, seeds = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE), seeds_text()
+    template, model, seeds = ctx.templates[STAGE], ctx.config.model_of(STAGE), seeds_text()
 
     def request(key: Key) -> Request:
         iid = key[0]

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from facets.schemas import GoldResponse
-from facets.tasks.context import BuildContext, Key, Request
-from facets.tasks.shard import Shard
+from facets.pipeline.context import BuildContext, Key, Request
+from facets.pipeline.shard import Shard
 
 STAGE = "responses"
-TEMPLATE = "gold_response"
 
 
 def check_response(text: str) -> None:
@@ -15,7 +14,7 @@ def check_response(text: str) -> None:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    template, model = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE)
+    template, model = ctx.templates[STAGE], ctx.config.model_of(STAGE)
 
     def request(key: Key) -> Request:
         iid, k = key

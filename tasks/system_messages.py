@@ -9,11 +9,10 @@ from __future__ import annotations
 import re
 
 from facets.schemas import PreferenceSet, SystemMessage, normalise_text
-from facets.tasks.context import BuildContext, Key, Request
-from facets.tasks.shard import Shard
+from facets.pipeline.context import BuildContext, Key, Request
+from facets.pipeline.shard import Shard
 
 STAGE = "system_messages"
-TEMPLATE = "system_message"
 MIN_CHARS, MAX_CHARS = 300, 2500
 RESTATE_CHARS = 60  # an instruction prefix this long found in the message counts as restating it
 _LIST_LINE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|#+)\s", re.MULTILINE)
@@ -45,7 +44,7 @@ def describe(preference_set: PreferenceSet) -> str:
 
 
 async def run(ctx: BuildContext, shard: Shard) -> None:
-    template, model = ctx.templates[TEMPLATE], ctx.config.model_of(STAGE)
+    template, model = ctx.templates[STAGE], ctx.config.model_of(STAGE)
 
     def request(key: Key) -> Request:
         iid, k = key

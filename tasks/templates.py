@@ -39,9 +39,16 @@ class Template:
             raise TemplateError(f"template {self.path} uses ${missing.args[0]}, which this stage does not provide") from None
 
 
+# Templates are named after their stage (docs/ARCHITECTURE.md, "Stages"); a user's directory may still hold
+# files under their earlier names, which would otherwise be passed over without a word.
+RENAMED = {"preference_tree": "preference_trees", "system_message": "system_messages", "gold_response": "responses",
+           "rubric": "bench_rubrics"}
+
+
 def load_template(name: str, directory: str | Path | None = None, depends_on: tuple[Path, ...] = ()) -> Template:
     """`<directory>/<name>.txt` when it exists, else the bundled one."""
     path = Path(directory) / f"{name}.txt" if directory else None
+    _refuse_old_name(name, directory)
     if path is None or not path.exists():
         path = BUNDLED / f"{name}.txt"
     text = path.read_text(encoding="utf-8")
@@ -54,3 +61,12 @@ def load_template(name: str, directory: str | Path | None = None, depends_on: tu
         digest.update(extra.read_bytes())
     return Template(name, str(path), string.Template(sections["system"]), string.Template(sections["user"]),
                     f"{name}@{digest.hexdigest()[:12]}")
+
+
+def _refuse_old_name(name: str, directory: str | Path | None) -> None:
+    if directory is None or (Path(directory) / f"{name}.txt").exists():
+        return
+    for old, new in RENAMED.items():
+        if new == name and (Path(directory) / f"{old}.txt").exists():
+            raise TemplateError(f"{Path(directory) / f'{old}.txt'} is no longer read: templates are named after "
+                                f"their stage now; rename it to {name}.txt")

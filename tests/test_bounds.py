@@ -21,10 +21,9 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from facets.llm import limiter as limiter_module
 from facets.llm.context_window import known_window
 from facets.llm.gateway import REPAIR_ECHO_BYTES, Gateway
-from facets.llm.simulator import run_simulator
+from facets.simulator.server import run_simulator
 from facets.schemas import Failure
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits, Retries, Sampling, config_error
 from facets.schemas.evaluation import ModelSpec
@@ -35,12 +34,6 @@ RETRIES = Retries(max_attempts=4, timeout_s=30.0, deadline_s=60.0, backoff_initi
 SAMPLING = Sampling(max_tokens=500, seed=1)
 QUESTION = [{"role": "user", "content": "Why do tides happen?"}]
 
-
-@pytest.fixture(autouse=True)
-def fresh_limiters():
-    limiter_module._SHARED.clear()
-    yield
-    limiter_module._SHARED.clear()
 
 
 class RunawayEndpoint:
@@ -274,9 +267,8 @@ def test_facets_commands_name_credentials_in_openai_base_url_in_one_line(command
 
 
 @pytest.mark.slow
-def test_no_secret_reaches_prefect_flow_run_parameters(tmp_path):
+def test_no_secret_reaches_prefect_flow_run_parameters(tmp_path, prefect_server):
     from prefect.client.orchestration import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from facets.flows.build import build_collection
 
@@ -292,7 +284,7 @@ def test_no_secret_reaches_prefect_flow_run_parameters(tmp_path):
         async with get_client() as client:
             return json.dumps([run.parameters for run in await client.read_flow_runs()], default=str)
 
-    with prefect_test_harness(server_startup_timeout=120), run_simulator() as sim:
+    with run_simulator() as sim:
         report = asyncio.run(build_collection(config(sim.base_url)))
         assert report["accepted"] == 2
         with pytest.raises(ValueError, match="must not carry credentials"):

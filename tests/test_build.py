@@ -7,22 +7,23 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import time
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from facets.flows.build import build_collection
+from facets.schemas.stages import LLM_STAGES
 from facets.llm.errors import EndpointUnreachable, FatalEndpointError
-from facets.llm.simulator import SimulatorProcess, run_simulator
+from facets.simulator.server import SimulatorProcess, run_simulator
 from facets.schemas import PreferencePairRow, PreferenceTree, SFTRow
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits, Retries
 from facets.storage import Store
 from facets.tasks.pairs import choose_pair
 from facets.tasks.preference_sets import choose_sets
 from facets.tasks.system_messages import check_system_message
-from facets.tasks.sources import SourceError
+from facets.ingest.sources import SourceError
 
 SOURCES = Path(__file__).parent / "data" / "sources"
 NECTAR = f"nectar={SOURCES / 'nectar' / 'data.jsonl'}"
@@ -30,10 +31,7 @@ DSP = f"dsp={SOURCES / 'dsp' / 'domain_specific_preference.json'}"
 MODEL = "facets-sim"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def config(sim_url: str, data_dir: Path, **overrides) -> BuildConfig:
@@ -85,6 +83,10 @@ def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_
         chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
         assert systems[row["prompt"]][chosen] == row["system"]
         assert systems[row["prompt"]][rejected] != row["system"], "rejected answers another system message"
+    card = (release / "README.md").read_text()
+    models_table = card.split("## Models and prompts", 1)[1].split("##", 1)[0]
+    for stage in LLM_STAGES:  # one row per stage, model and prompt version side by side
+        assert re.search(rf"\| {stage} \| facets-sim \| {stage}@[0-9a-f]{{12}} \|", models_table), models_table
 
 
 def test_one_shard_makes_trees_at_a_time_while_others_go_on(tmp_path):
@@ -180,11 +182,11 @@ def test_incremental_rerun_makes_no_request_and_no_new_release(tmp_path):
 def test_changed_system_message_template_recomputes_only_what_depends_on_it(tmp_path):
     templates = tmp_path / "templates"
     templates.mkdir()
-    bundled = Path(__file__).parents[1] / "tasks" / "prompts" / "system_message.txt"
+    bundled = Path(__file__).parents[1] / "tasks" / "prompts" / "system_messages.txt"
     with run_simulator(seed=2) as sim:
         first = build(config(sim.base_url, tmp_path / "data", templates_dir=str(templates)))
         before = chat_requests(sim)
-        (templates / "system_message.txt").write_text(bundled.read_text() + "\nKeep it warm.\n")
+        (templates / "system_messages.txt").write_text(bundled.read_text() + "\nKeep it warm.\n")
         report = build(config(sim.base_url, tmp_path / "data", templates_dir=str(templates)))
         made = chat_requests(sim) - before
     # No stored tree is made again; a tree that failed before is asked again (its repairs go on).

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from facets.flows.cli import main
-from facets.llm.simulator import SimulatorProcess
+from facets.simulator.server import SimulatorProcess
 from facets.storage import Store
 from facets.storage.scratch import TEMP_FILE_AGE_S, UNLOCKED_FOLDER_AGE_S, open_scratch, sweep
 
@@ -142,7 +142,7 @@ def fill(disk: Path, leave_bytes: int) -> None:
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_no_stage_is_retried_to_pay_again(small_disk):
-    from facets.tasks.ingest import ingest
+    from facets.ingest.pool import ingest
 
     ingest(str(small_disk), [NECTAR], seed=0)
     fill(small_disk, leave_bytes=40_000)  # room for a few journaled replies, not for the build
@@ -162,7 +162,7 @@ def test_a_full_disk_is_one_line_and_no_stage_is_retried_to_pay_again(small_disk
 def test_a_storage_error_is_not_retried_by_prefect_but_a_crash_is():
     from prefect.states import Failed
 
-    from facets.flows.build import retry_unless_aborted
+    from facets.pipeline.shard_run import retry_unless_aborted
 
     def retried(error: BaseException) -> bool:
         return retry_unless_aborted(None, None, Failed(data=error))

@@ -27,7 +27,6 @@ PREFECT_YAML = ROOT / "prefect.yaml"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 NECTAR = "tests/data/sources/nectar/data.jsonl"  # relative: it resolves against FACETS_HOME on the worker
-POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 
 # -- prefect.yaml ---------------------------------------------------------------------------------------------
@@ -210,16 +209,6 @@ def _package_dirs() -> list[str]:
 
 # -- end to end: `facets server` + `prefect deployment run` -----------------------------------------------------
 
-def _postgres_database():
-    """A fresh database on the machine's PostgreSQL; returns (url, drop)."""
-    import asyncpg
-
-    try:
-        return server.scratch_database(**POSTGRES)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable on {POSTGRES['host']}:{POSTGRES['port']}: {exc}")
-
-
 class Lines:
     """A child's stdout, read by a thread into a list (so the child never blocks on a full pipe)."""
 
@@ -273,50 +262,46 @@ def _stop_and_reap(process: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_prefect_deployment_run_completes_on_a_local_server_and_worker(tmp_path):
-    from facets.llm.simulator import SimulatorProcess
+def test_prefect_deployment_run_completes_on_a_local_server_and_worker(tmp_path, postgres):
+    from facets.simulator.server import SimulatorProcess
 
-    database_url, drop_database = _postgres_database()
     data_dir = tmp_path / "data"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
         env.pop(name, None)
     started = time.monotonic()
-    try:
-        with SimulatorProcess(seed=3) as sim:
-            env.update(OPENAI_BASE_URL=sim.base_url, OPENAI_API_KEY="sk-test")  # the worker inherits these
-            command = [sys.executable, "-m", "facets.flows.cli", "server", "--port", str(server.free_port()),
-                       "--database-url", database_url, "--log-dir", str(tmp_path / "logs")]
-            stack = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
-            output = Lines(stack)
-            try:
-                api_url = output.wait_for(server.READY, timeout_s=300)
-                ready_s = time.monotonic() - started
-                assert "deployments: build-collection/incremental" in output.tail()
-                config = {"sources": [f"nectar={NECTAR}"], "limit": 5, "seed": 1, "shard_size": 4,
-                          "data_dir": str(data_dir), "endpoint": {"model": "facets-sim"}, "publish": True}
-                user_env = {**env, "PREFECT_API_URL": api_url}
-                prefect = str(Path(sys.executable).with_name("prefect"))
-                # exactly what a user types in the other shell
-                run = subprocess.run([prefect, "deployment", "run", "build-collection/incremental",
-                                      "--params", json.dumps({"config": config}), "--watch", "--watch-timeout", "400"],
-                                     cwd=tmp_path, env=user_env, capture_output=True, text=True, timeout=450)
-                report = f"{run.stdout}\n{run.stderr}\n--- facets server:\n{output.tail()}"
-                assert run.returncode == 0, report
-                flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
-                with urllib.request.urlopen(f"{api_url}/flow_runs/{flow_run_id}", timeout=30) as reply:
-                    flow_run = json.loads(reply.read())
-                assert flow_run["state"]["type"] == "COMPLETED", report
-                assert flow_run["parameters"]["config"]["data_dir"] == str(data_dir)
-                assert sim.stats()["requests"] > 0, "the run called the endpoint the worker was given"
-            finally:
-                leftovers = _stop_and_reap(stack)
-            assert stack.returncode == 0, output.tail()
-            assert not leftovers, f"`facets server` left processes behind: {leftovers}"
-    finally:
-        drop_database()
+    with SimulatorProcess(seed=3) as sim:
+        env.update(OPENAI_BASE_URL=sim.base_url, OPENAI_API_KEY="sk-test")  # the worker inherits these
+        command = [sys.executable, "-m", "facets.flows.cli", "server", "--port", str(server.free_port()),
+                   "--database-url", postgres, "--log-dir", str(tmp_path / "logs")]
+        stack = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+        output = Lines(stack)
+        try:
+            api_url = output.wait_for(server.READY, timeout_s=300)
+            ready_s = time.monotonic() - started
+            assert "deployments: build-collection/incremental" in output.tail()
+            config = {"sources": [f"nectar={NECTAR}"], "limit": 5, "seed": 1, "shard_size": 4,
+                      "data_dir": str(data_dir), "endpoint": {"model": "facets-sim"}, "publish": True}
+            user_env = {**env, "PREFECT_API_URL": api_url}
+            prefect = str(Path(sys.executable).with_name("prefect"))
+            # exactly what a user types in the other shell
+            run = subprocess.run([prefect, "deployment", "run", "build-collection/incremental",
+                                  "--params", json.dumps({"config": config}), "--watch", "--watch-timeout", "400"],
+                                 cwd=tmp_path, env=user_env, capture_output=True, text=True, timeout=450)
+            report = f"{run.stdout}\n{run.stderr}\n--- facets server:\n{output.tail()}"
+            assert run.returncode == 0, report
+            flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+            with urllib.request.urlopen(f"{api_url}/flow_runs/{flow_run_id}", timeout=30) as reply:
+                flow_run = json.loads(reply.read())
+            assert flow_run["state"]["type"] == "COMPLETED", report
+            assert flow_run["parameters"]["config"]["data_dir"] == str(data_dir)
+            assert sim.stats()["requests"] > 0, "the run called the endpoint the worker was given"
+        finally:
+            leftovers = _stop_and_reap(stack)
+        assert stack.returncode == 0, output.tail()
+        assert not leftovers, f"`facets server` left processes behind: {leftovers}"
     assert list((data_dir / "stages" / "pairs").glob("*.parquet")), "the run wrote the pairs stage"
     assert (data_dir / "releases" / "LATEST").is_file(), "the run published a release"
     print(f"server ready after {ready_s:.0f} s; whole test {time.monotonic() - started:.0f} s")

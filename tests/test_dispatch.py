@@ -8,12 +8,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from facets.flows.automations import NAME, START_NAME, ensure_zombie_automations, zombie_automations
-from facets.flows.build import build_collection, keep_wanted
+from facets.flows.build import build_collection
+from facets.pipeline.scheduler import keep_wanted
 from facets.flows.build_shard import build_shard
-from facets.flows.dispatch import (
+from facets.pipeline.dispatch import (
     JournalScope,
     ProgressWatcher,
     RunWatcher,
@@ -23,23 +23,20 @@ from facets.flows.dispatch import (
 )
 from facets.llm.errors import BudgetExceeded
 from facets.llm.journal import Journal, JournalEntry, request_key
-from facets.llm.simulator import run_simulator
+from facets.simulator.server import run_simulator
 from facets.llm.usage import merge_usage
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits
 from facets.schemas.shards import ShardProgress, ShardSpec, ShardSummary
 from facets.storage import Store
-from facets.tasks.ingest import ingest
-from facets.tasks.plan import STAGES
-from facets.tasks.selection import Pool
-from facets.tasks.shard import Shard, overlapping
+from facets.ingest.pool import ingest
+from facets.schemas.stages import STAGE_NAMES
+from facets.pipeline.selection import Pool
+from facets.pipeline.shard import Shard, overlapping
 
 NECTAR = Path(__file__).parent / "data" / "sources" / "nectar" / "data.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def test_one_shard_run_writes_its_rows_and_summary_and_a_rerun_asks_only_its_failures_again(tmp_path):
@@ -81,7 +78,7 @@ def test_a_shard_run_reports_each_stage_and_the_build_hears_each_report_once(tmp
     summary = ShardSummary.model_validate_json(Store(data_dir).read_text(*summary_parts("b3", spec.key)))
     watcher = ProgressWatcher(Store(data_dir), "b3")
     heard = watcher.read_new({summary.run, "another-run"})
-    assert [r.stage for r in heard] == list(STAGES) and {r.run for r in heard} == {summary.run}
+    assert [r.stage for r in heard] == list(STAGE_NAMES) and {r.run for r in heard} == {summary.run}
     assert watcher.read_new({summary.run}) == [], "each report is read once"
     alive = [r.alive for r in heard]
     assert alive == sorted(alive, reverse=True) and alive[0] <= len(ids)
@@ -273,7 +270,7 @@ def test_a_shard_run_looks_for_stored_rows_where_the_build_listed_them_and_under
                                                                          limits=RateLimits(rpm=60_000)))
         first = asyncio.run(build_shard(config, ShardSpec(build="b1", lo=0, hi=511, ids=low)))
         accepted, paid = len(first["accepted"]), sim.stats()["requests"]
-        listing = {stage: Store(data_dir).files(stage) for stage in STAGES}
+        listing = {stage: Store(data_dir).files(stage) for stage in STAGE_NAMES}
         # wider shards of later builds: the b0000-0511 files are not their own, so only a listing finds them
         unlisted = asyncio.run(build_shard(config, ShardSpec(build="b2", lo=0, hi=1023, ids=first["accepted"])))
         listed = asyncio.run(build_shard(config, ShardSpec(build="b3", lo=0, hi=767, ids=first["accepted"],

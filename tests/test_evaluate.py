@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from facets.llm.simulator import run_simulator
+from facets.simulator.server import run_simulator
 from facets.schemas import BenchRow, Instruction
 from facets.schemas.config import EndpointConfig, RateLimits, Retries
 from facets.schemas.evaluation import BENCHMARKS, BenchConfig, EvalConfig, Judgment, JudgeConfig, ModelSpec
 from facets.storage import Store
-from facets.tasks.bench_generate import endpoint_messages, mistral_prompt, render_local
-from facets.tasks.bench_judge import (
+from facets.evaluation.generate import endpoint_messages, mistral_prompt, render_local
+from facets.evaluation.judge import (
     AVERAGE,
     judge_messages,
     judge_models,
@@ -30,8 +30,8 @@ from facets.tasks.bench_judge import (
     summary_csv,
     summary_markdown,
 )
-from facets.tasks.bench_release import BenchItem, load_bench
-from facets.tasks.bench_sources import benchmark_of, load_bench_prompts
+from facets.evaluation.bench_release import BenchItem, load_bench
+from facets.evaluation.sources import benchmark_of, load_bench_prompts
 
 BENCH_DATA = Path(__file__).parent / "data" / "bench"
 SOURCES = [f"{name}={BENCH_DATA / name}" for name in BENCHMARKS]
@@ -123,7 +123,7 @@ def test_averages_across_rubrics_and_runs_match_hand_computed_values():
 
 def test_rubric_check_refuses_what_cannot_grade():
     from facets.schemas import Rubric
-    from facets.tasks.bench_rubrics import check_rubric
+    from facets.evaluation.rubrics import check_rubric
 
     def rubric(criteria: str, descriptions: list[str]) -> Rubric:
         return Rubric.model_validate({"criteria": criteria, "score_descriptions": dict(zip("12345", descriptions))})
@@ -164,8 +164,16 @@ def test_prompt_formats_for_endpoints():
     no_role = ModelSpec(name="m", prompt_format="chat", system_role=False)
     assert endpoint_messages(no_role, "SYS", "Q") == [{"role": "user", "content": "SYS\nQ"}]
     mistral = ModelSpec(name="m", prompt_format="mistral")
-    assert endpoint_messages(mistral, "SYS", "Q") == [{"role": "user", "content": "[INST] SYS\nQ [/INST]"}]
-    assert mistral_prompt("SYS", "Q") == "[INST] SYS\nQ [/INST]"
+    # the paper's inference script: stripped inside, a space after [/INST]
+    assert endpoint_messages(mistral, "SYS", "Q") == [{"role": "user", "content": "[INST] SYS\nQ [/INST] "}]
+    assert mistral_prompt(" SYS", "Q\n") == "[INST] SYS\nQ [/INST] "
+    # the no-system-message arm: the prompt alone, in every format
+    for spec in (spec, no_role, mistral):
+        bare = spec.model_copy(update={"system_message": False})
+        assert [m["role"] for m in endpoint_messages(bare, "SYS", "Q")] == ["user"]
+        assert "SYS" not in endpoint_messages(bare, "SYS", "Q")[0]["content"]
+        assert bare.key == "m (no system message)"
+    assert endpoint_messages(mistral.model_copy(update={"system_message": False}), "SYS", "Q")[0]["content"] == "[INST] Q [/INST] "
     with pytest.raises(ValueError):
         ModelSpec(name="m", local_model="/models/x", prompt_format="openai")
 
@@ -203,7 +211,7 @@ def test_local_prompt_formats_with_a_tokenizer_trained_on_the_fly():
     chat_ids = without_role(chat_text, add_special_tokens=special)["input_ids"]
     mistral = ModelSpec(name="m", local_model="/models/m", prompt_format="mistral")
     text, special = render_local(without_role, mistral, "be brief", "what is rain")
-    assert (text, special) == ("[INST] be brief\nwhat is rain [/INST]", True)
+    assert (text, special) == ("[INST] be brief\nwhat is rain [/INST] ", True)
     ids = without_role(text, add_special_tokens=special)["input_ids"]
     # exactly one BOS either way: the raw format gets it from the tokenizer, the template writes its own
     assert ids == chat_ids and ids.count(without_role.bos_token_id) == 1 and ids[0] == without_role.bos_token_id
@@ -214,9 +222,9 @@ def test_a_local_model_generates_in_batches_and_journals(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from facets.schemas.config import Sampling
-    from facets.tasks.bench_generate import LocalModel, generate_local
-    from facets.tasks.bench_judge import latest_responses
-    from facets.tasks.bench_release import Bench
+    from facets.evaluation.generate import LocalModel, generate_local
+    from facets.evaluation.judge import latest_responses
+    from facets.evaluation.bench_release import Bench
 
     tokenizer = _trained_tokenizer(CHATML)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -380,7 +388,8 @@ def test_evaluate_generates_judges_and_summarises_two_models(built, sim):
     assert {label: (g["made"], g["failed"]) for label, g in report["generated"].items()} == {
         "sim-openai": (n, 0), "sim-mistral": (n, 0)}
     assert report["judged"]["judged"] == 2 * n * 3 * 4 and report["judged"]["failed"] == 0
-    assert paid == 2 * n + 2 * n * 3 * 4, "one call per response and per (run, rubric): nothing asked again"
+    # + 1: the one-token probe of whether the open model's server takes repetition_penalty
+    assert paid == 2 * n + 2 * n * 3 * 4 + 1, "one call per response and per (run, rubric): nothing asked again"
     assert [row["model"] for row in report["summary"]] == ["sim-openai", "sim-mistral"]
     for row in report["summary"]:
         assert row["coverage"] == 1.0 and 1 <= row[AVERAGE] <= 5
@@ -405,7 +414,7 @@ def test_evaluate_generates_judges_and_summarises_two_models(built, sim):
 
 
 def test_a_model_with_a_failed_item_is_reported_with_its_coverage(built, sim):
-    from facets.tasks.bench_generate import generate
+    from facets.evaluation.generate import generate
 
     bench = load_bench(str(built["data"]))
     n = len(bench.items)
@@ -436,7 +445,7 @@ def test_a_model_with_a_failed_item_is_reported_with_its_coverage(built, sim):
 
 
 def test_judge_in_batch_mode_pays_one_batch_and_stores_the_same_judgments(built, sim):
-    from facets.tasks.bench_generate import generate
+    from facets.evaluation.generate import generate
 
     bench = load_bench(str(built["data"]))
     store = Store(str(built["data"]))
@@ -460,14 +469,14 @@ def test_judge_in_batch_mode_pays_one_batch_and_stores_the_same_judgments(built,
 def test_training_prompts_come_from_the_instructions_stage_and_every_release(tmp_path):
     import pyarrow as pa
 
-    from facets.tasks.bench_release import split_contaminated, training_prompts
+    from facets.evaluation.bench_release import split_contaminated, training_prompts
 
     store = Store(str(tmp_path))
     store.write("instructions", [Instruction.from_text("Name three  colours.", "nectar")])
     (tmp_path / "releases" / "0123" / "sft").mkdir(parents=True)
     pq.write_table(pa.table({"prompt": ["What is  RAIN?"]}), tmp_path / "releases" / "0123" / "sft" / "train-00000-of-00001.parquet")
     prompts, _ = load_bench_prompts(SOURCES)
-    from facets.tasks.bench_sources import BenchPrompt
+    from facets.evaluation.sources import BenchPrompt
 
     extra = [BenchPrompt("koala", "koala", "name three colours.", "x"), BenchPrompt("koala", "koala", "What is rain?", "y")]
     kept, removed = split_contaminated(prompts + extra, training_prompts(store))

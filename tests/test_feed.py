@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from facets.tasks.feed import Feed
+from facets.pipeline.feed import Feed
 
 
 def test_a_reader_gets_each_instruction_once_as_it_comes_and_stops_when_the_feed_closes():

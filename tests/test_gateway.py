@@ -16,9 +16,7 @@ import sys
 import time
 
 import pytest
-from pydantic import BaseModel, Field
 
-from facets.llm import limiter as limiter_module
 from facets.llm.batch import BatchItem, BatchRunner
 from facets.llm.errors import (
     BudgetExceeded,
@@ -28,79 +26,25 @@ from facets.llm.errors import (
     RunAborted,
     TooManyFailures,
 )
-from facets.llm.gateway import Completion, Gateway, endpoint_transport
+from facets.llm.gateway import Completion, Gateway
 from facets.llm.journal import Journal
-from facets.llm.simulator import SimulatorProcess, max_in_window, run_simulator
-from facets.schemas.config import EndpointConfig, RateLimits, Retries, Sampling
-
-MODEL = "facets-sim"
-TRANSPORTS = ["lean", "openai"]
-# Fast backoff so a test never waits on our own timers; Retry-After still sets the pace on a 429.
-RETRIES = Retries(max_attempts=6, timeout_s=10.0, deadline_s=60.0, backoff_initial_s=0.01, backoff_max_s=0.05)
-UNLIMITED = RateLimits(rpm=0, max_in_flight=32)
-SAMPLING = Sampling(max_tokens=1000, seed=1)
-PRICE = 1000.0  # USD per 1M tokens: a tenth of a cent a token, so a few calls reach a small cap
-
-
-class Verdict(BaseModel):
-    title: str
-    summary: str
-    score: int = Field(ge=1, le=5)
-
-
-def substantive(verdict: Verdict) -> None:
-    """A caller's validator: schema-valid but empty or filler text is not a row."""
-    if len(verdict.summary.split()) < 3 or not verdict.title.strip("n/a "):
-        raise ValueError("title and summary must say something")
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request) -> str:
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def fresh_limiters():
-    # Limiters are per (endpoint, model) for the life of a process; a later simulator may get an earlier
-    # one's port, and must not inherit its pauses and cut rates.
-    limiter_module._SHARED.clear()
-    yield
-    limiter_module._SHARED.clear()
-
-
-def endpoint(sim, transport: str = "lean", **fields) -> EndpointConfig:
-    return EndpointConfig(**{
-        "base_url": sim.base_url, "api_key": "sk-test", "model": MODEL, "transport": transport,
-        "limits": UNLIMITED, "retries": RETRIES, **fields,
-    })
-
-
-def ask(i: int) -> list[dict]:
-    return [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": f"Question {i}: why do tides happen?"}]
-
-
-async def parse_all(gateway: Gateway, n: int, *, concurrent: bool = True, **options):
-    """n structured calls; exceptions are returned in place (concurrent) so each can be checked."""
-    options = {"sampling": SAMPLING, "check": substantive, **options}
-    calls = (gateway.parse(ask(i), Verdict, stage="test", key=f"k{i}", **options) for i in range(n))
-    if concurrent:
-        return await asyncio.gather(*calls, return_exceptions=True)
-    return [await call for call in calls]  # one after another: an exception stops the rest
-
-
-def answered(results) -> bool:
-    """Every call came back with a result (not None, not an exception)."""
-    return all(isinstance(r, Completion) for r in results)
-
-
-def run(config: EndpointConfig, body, journal: Journal | None = None):
-    """`await body(gateway)` in a fresh event loop with a fresh gateway; returns (result, gateway)."""
-
-    async def main():
-        async with Gateway(config, journal) as gateway:
-            return await body(gateway), gateway
-
-    return asyncio.run(main())
+from facets.simulator.server import SimulatorProcess, max_in_window, run_simulator
+from facets.schemas.config import EndpointConfig, RateLimits, Sampling
+from gateway_helpers import (
+    MODEL,
+    PRICE,
+    RETRIES,
+    SAMPLING,
+    TRANSPORTS,
+    UNLIMITED,
+    Verdict,
+    answered,
+    ask,
+    endpoint,
+    parse_all,
+    run,
+    substantive,
+)
 
 
 def closed_port() -> int:
@@ -129,20 +73,28 @@ def test_retry_after_is_waited_out_so_each_call_meets_at_most_one_429(transport)
 def test_429_storm_every_call_succeeds_and_the_rate_recovers(transport):
     # Our limiter is set to the endpoint's RPM but allows a 10-request burst where the endpoint allows 1:
     # the first burst is a storm of 429s. Honouring Retry-After and cutting the rate once per storm (not
-    # once per 429) finishes close to the endpoint's own pace (16 calls at 10/s).
+    # once per 429) finishes close to the endpoint's own pace, measured beside it on the same machine by a
+    # gateway whose burst is the endpoint's (16 calls at 10/s: about 1.6 s; some 10 times that when each
+    # 429 cut the rate).
     n = 16
-    with run_simulator(rpm=600, burst_s=0.1) as sim:
-        config = endpoint(sim, transport, limits=RateLimits(rpm=600, max_in_flight=32),
-                          retries=RETRIES.model_copy(update={"max_attempts": 20}))
+    retries = RETRIES.model_copy(update={"max_attempts": 20})
+
+    def timed(limits: RateLimits):
         started = time.monotonic()
-        results, gateway = run(config, lambda g: parse_all(g, n))
-        elapsed = time.monotonic() - started
+        results, gateway = run(endpoint(sim, transport, limits=limits, retries=retries), lambda g: parse_all(g, n))
+        return results, gateway, time.monotonic() - started
+
+    with run_simulator(rpm=600, burst_s=0.1) as sim:
+        paced, _, paced_s = timed(RateLimits(rpm=600, burst_s=0.1, max_in_flight=32))
+        assert answered(paced)
+        sim.reset_stats()
+        results, gateway, storm_s = timed(RateLimits(rpm=600, max_in_flight=32))
         stats = sim.stats()
     assert answered(results)
     assert stats["ok"] == n and stats["paid_twice"] == 0 and gateway.failures == []
     assert 5 <= stats["rate_limited"] <= 2 * n  # a storm, but no thundering herd of retries
     assert gateway.usage.rate_limited == stats["rate_limited"]
-    assert elapsed < 15, f"the rate did not recover after the storm: {elapsed:.1f}s"  # 27 s when each 429 cut it
+    assert storm_s < 3 * paced_s, f"the rate did not recover after the storm: {storm_s:.1f} s, paced {paced_s:.1f} s"
 
 
 async def longest_stall(stalls: list[float], tick_s: float = 0.01) -> None:
@@ -187,115 +139,6 @@ def test_limiter_never_exceeds_its_rpm_in_any_window(transport):
     assert elapsed >= (n - rpm / 60 * burst_s) / (rpm / 60) * 0.95
 
 
-def test_server_headers_never_erase_the_tokens_of_replies_still_being_written():
-    """The server charges output when it replies, so its remaining budget leaves out our unanswered calls."""
-    clock = [0.0]
-    limiter = limiter_module.Limiter(RateLimits(rpm=0, tpm=60_000, burst_s=1.0), clock=lambda: clock[0])
-    first, _ = limiter.reserve(100, 400)
-    second, _ = limiter.reserve(100, 400)  # both sent; the server has charged their inputs only
-    assert limiter.tokens.level == 1000 - 1000
-    # the first reply: the server has charged 200 input + 400 output; it says 400 remain
-    limiter.observe_headers({"x-ratelimit-remaining-tokens": "400"}, first)
-    assert limiter.tokens.level == 0, "the second call's 400 output tokens are still owed"
-    limiter.settle(first, 100, 400)
-    limiter.settle(second, 100, 100)  # it wrote less than reserved: the difference comes back
-    assert limiter.tokens.level == 300 and limiter.outstanding_output == 0
-
-
-def test_a_queued_calls_wait_follows_its_place_when_the_calls_ahead_change():
-    """A call waits for the bucket to refill up to its place, not for a time fixed when it reserved: a
-    reply longer than reserved pushes the queue back, a call withdrawn before it was sent moves it up."""
-    clock = [0.0]
-    limiter = limiter_module.Limiter(RateLimits(rpm=0, tpm=60_000, burst_s=1.0), clock=lambda: clock[0])
-    first, wait = limiter.reserve(500, 500)  # 1,000 tokens a second, a full bucket of 1,000
-    assert wait == 0
-    second, wait = limiter.reserve(250, 250)
-    assert wait == pytest.approx(0.5)
-    third, wait = limiter.reserve(250, 250)
-    assert wait == pytest.approx(1.0)
-    limiter.settle(first, 500, 1000)  # the first reply wrote 500 more than it reserved
-    assert limiter.due_in(second) == pytest.approx(1.0) and limiter.due_in(third) == pytest.approx(1.5)
-    limiter.withdraw(second)  # cancelled before it was sent: the third takes its place
-    assert limiter.due_in(third) == pytest.approx(1.0)
-    clock[0] = 1.0
-    assert limiter.due_in(third) == 0
-
-
-def test_calls_queued_through_a_pause_go_out_at_the_rate_after_it_not_at_once():
-    """A pause (429s) holds the buckets' refill: the queue behind it resumes at the rate when it ends,
-    instead of every call that fell due meanwhile going out together into the same limit."""
-    clock = [0.0]
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0])  # 10/s, burst 10
-    for _ in range(10):
-        limiter.reserve(0, 0)  # the burst goes out
-    queued = [limiter.reserve(0, 0)[0] for _ in range(20)]  # due at 0.1, 0.2, ... 2.0 s
-    limiter.rate_limited(retry_after=1.0)  # a 429 at 0 s, with Retry-After 1 s
-    clock[0] = 1.0
-    assert [round(limiter.due_in(r), 6) for r in queued[:3]] == [0.1, 0.2, 0.3], "not ten at once at 1 s"
-    clock[0] = 1.25
-    assert sum(limiter.due_in(r) == 0 for r in queued) == 2
-
-
-def test_a_paused_leased_limiter_takes_nothing_from_the_shared_bucket():
-    clock = [0.0]
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0], leased=True)
-    limiter.reserve(0, 0)
-    assert limiter.owed(0.1, 0.1) == {"requests": 1.0}
-    limiter.rate_limited(retry_after=2.0)
-    assert limiter.owed(0.1, 0.1) == {"requests": 0.0}, "what it took now would all go out when the pause ends"
-    assert limiter.factor == 1.0, "a dearer request would throw the shared budget away"
-    clock[0] = 2.5
-    assert limiter.owed(0.1, 0.1)["requests"] > 0
-
-
-def test_a_leased_limiter_brakes_when_the_endpoint_says_it_is_nearly_empty():
-    """Other processes' late sends drained the endpoint: hold sends (and leases) until it has refilled as
-    much as Redis can hand out at once, rather than have every early call refused and its request burnt;
-    no longer, or the brake would cost budget (Redis's bucket full, its refill lost)."""
-    clock = [0.0]
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), clock=lambda: clock[0], leased=True)
-    limiter.observe_headers({"x-ratelimit-remaining-requests": "5"})  # half a second of the rate: go on
-    assert limiter.pause_remaining() == 0
-    limiter.reserve(0, 0)
-    limiter.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"})
-    assert limiter.pause_remaining() == pytest.approx(limiter_module.SHARED_BURST)  # 5 requests at 10 a second
-    assert limiter.owed(0.1, 0.1) == {"requests": 0.0}
-    clock[0] = 0.6
-    assert limiter.pause_remaining() == 0 and limiter.owed(0.1, 0.1) == {"requests": 1.0}
-
-
-def test_a_call_under_a_shared_limit_goes_as_soon_as_a_lease_pays_for_it_not_when_its_guess_ends():
-    """A paid call asleep until its guessed wait ends holds budget that no process uses (and a process
-    may hold only its part paid and unsent): the lease thread that pays it wakes it, once."""
-    import threading
-
-    from facets.llm.gateway import _until_paid
-
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)
-    first, _ = limiter.reserve(0, 0)
-    second, _ = limiter.reserve(0, 0)
-    woken = []
-    assert limiter.wake_when_paid(second, lambda: woken.append("second"))
-    limiter.credit({"requests": 1.5}, 0.1, {"requests": 1.5})
-    assert woken == [], "the first call is paid, the second only half"
-    limiter.credit({"requests": 0.5}, 0.1, {"requests": 0.5})
-    limiter.credit({"requests": 1.0}, 0.1, {"requests": 1.0})
-    assert woken == ["second"], "woken once, when paid in full"
-    assert not limiter.wake_when_paid(first, lambda: woken.append("first")), "paid already: nothing to wait for"
-
-    async def wait_for_a_lease() -> float:
-        fresh = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)
-        call, _ = fresh.reserve(0, 0)
-        pay = threading.Timer(0.2, fresh.credit, ({"requests": 1.0}, 0.1, {"requests": 1.0}))
-        started = time.monotonic()
-        pay.start()
-        await _until_paid(fresh, call, wait=5.0)
-        assert fresh.due_in(call) == 0
-        return time.monotonic() - started
-
-    assert asyncio.run(wait_for_a_lease()) < 1.0, "it slept its whole guess"
-
-
 def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers(redis_url):
     """Through the real endpoint: another client drains the simulator's bucket; the next reply a process
     under a shared limit gets says so, and the process holds its sends."""
@@ -309,10 +152,9 @@ def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers(redis_ur
         assert answered(drained) and sim.stats()["rate_limited"] == 0
         shared = RateLimits(rpm=60, burst_s=10.0, share_via=redis_url)
         key = f"brake-{uuid.uuid4().hex}"
-        limiter_module._SHARED.clear()
 
         async def one(gateway):
-            limiter = limiter_module.shared_limiter(gateway.url, MODEL, gateway.endpoint.limits)
+            limiter = gateway.limiters.get(gateway.url, MODEL, gateway.endpoint.limits)
             await gateway.parse(ask(0), Verdict, stage="test", key=key, sampling=SAMPLING, check=substantive)
             return limiter.pause_remaining()
 
@@ -321,56 +163,13 @@ def test_a_gateway_under_a_shared_limit_brakes_on_the_endpoints_headers(redis_ur
         assert held > 3.0, "the reply said the endpoint was nearly empty: sends wait for it to refill"
 
 
-def test_a_leased_limiter_takes_no_more_than_it_sends():
-    """Calls paid for but not sent (an event loop busy elsewhere) stop the leases: what a process saved
-    while it could not send would otherwise go out at once later, past the endpoint's burst."""
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, burst_s=1.0), leased=True)  # 10/s: 1 in 0.1 s
-    queued = [limiter.reserve(0, 0)[0] for _ in range(5)]
-    assert limiter.owed(0.1, 0.3) == {"requests": 3.0}, "0.3 s of the rate, though it owes 5"
-    limiter.credit({"requests": 3.0}, 0.1, {"requests": 3.0})
-    assert [limiter.due_in(r) == 0 for r in queued] == [True, True, True, False, False]
-    assert limiter.owed(0.1, 0.3) == {"requests": 0.0}, "three paid, none sent"
-    limiter.sent(queued[0])
-    limiter.sent(queued[1])
-    assert limiter.owed(0.1, 0.3) == {"requests": 2.0}
-    limiter.withdraw(queued[4])  # cancelled while it waited: it neither waits nor owes
-    assert limiter.owed(0.1, 0.3) == {"requests": 1.0}
-
-
-def test_a_call_paid_in_fractions_with_float_dust_goes_and_does_not_wait_for_a_lease_never_asked():
-    """At 300 RPM a process holds at most 0.75 of a request paid and unsent, so leases pay a call in parts;
-    ten tenths leave it 1e-16 short. It must count as paid both for going and for leasing: counted paid
-    by one and short by the other, it waited for a payment that was never asked for (a build hung)."""
-    limiter = limiter_module.Limiter(RateLimits(rpm=300, burst_s=1.0), leased=True)
-    call, _ = limiter.reserve(0, 0)
-    for _ in range(10):
-        limiter.credit({"requests": 0.1}, 0.1, {"requests": 0.1})
-    assert limiter.requests.level < 0, "the dust this test is about"
-    assert limiter.due_in(call) == 0
-    limiter.sent(call)
-    assert limiter.owed(0.1, 0.15) == {"requests": 0.0}
-    second, _ = limiter.reserve(0, 0)
-    assert limiter.due_in(second) > 0 and limiter.owed(0.1, 0.15)["requests"] > 0.5, "the next call is asked for"
-
-
-def test_a_leased_bucket_takes_no_more_while_its_calls_wait_for_another():
-    """Calls held back by the token bucket keep the requests they were paid: the request bucket takes no
-    more (else, when the tokens came, they would all go at once), while the token bucket goes on taking."""
-    limiter = limiter_module.Limiter(RateLimits(rpm=600, tpm=6000, burst_s=1.0), leased=True)  # 10 and 100 a second
-    queued = [limiter.reserve(50, 50)[0] for _ in range(5)]
-    assert limiter.owed(0.1, 0.3) == {"requests": 3.0, "tokens": 30.0}
-    limiter.credit({"requests": 3.0, "tokens": 30.0}, 0.1, {"requests": 3.0, "tokens": 30.0})
-    assert limiter.due_in(queued[0]) > 0, "its 100 tokens are not all paid yet"
-    assert limiter.owed(0.1, 0.3) == {"requests": 0.0, "tokens": 30.0}
-
-
 def test_only_calls_near_the_front_hold_a_reservation(transport):
     """1,000 queued calls reserve a few at a time, so a first guess at reply length paces a few, not all."""
     in_flight, n = 4, 200
     seen: list[float] = []
 
     async def body(gateway):
-        limiter = limiter_module.shared_limiter(gateway.url, MODEL, gateway.endpoint.limits)
+        limiter = gateway.limiters.get(gateway.url, MODEL, gateway.endpoint.limits)
 
         async def watch():
             while True:
@@ -389,108 +188,6 @@ def test_only_calls_near_the_front_hold_a_reservation(transport):
     # each call reserves at most max_tokens (1,000) of output; 2 x in_flight calls reserve at once
     assert max(seen) <= 2 * in_flight * SAMPLING.max_tokens
     assert max(seen) > 0
-
-
-def test_in_flight_follows_the_rpm_and_the_latency_unless_it_is_set():
-    from facets.llm.slots import ADAPTIVE_MAX, CallSlots
-
-    adaptive = CallSlots(RateLimits(rpm=12_000))  # 200/s
-    for _ in range(200):
-        adaptive.observe(0.5)
-    assert adaptive.in_flight.size == 150 and adaptive.reserving.size == 300  # 200/s x 0.5 s x 1.5
-    fixed = CallSlots(RateLimits(rpm=12_000, max_in_flight=64))
-    fixed.observe(0.5)
-    assert fixed.in_flight.size == 64
-    huge = CallSlots(RateLimits(rpm=1_000_000))
-    huge.observe(30.0)
-    assert huge.in_flight.size == ADAPTIVE_MAX
-
-
-def test_a_waiter_cancelled_just_before_a_slot_is_freed_is_cancelled_and_takes_nothing():
-    """The freed slot skips the cancelled waiter: the waiter then finds its entry gone, and must still end
-    cancelled (a timeout around it turns that into TimeoutError), not with a ValueError of its own."""
-    from facets.llm.slots import Slots
-
-    async def main():
-        slots = Slots(1)
-        await slots.acquire()
-        waiting = asyncio.create_task(slots.acquire())
-        await asyncio.sleep(0)
-        waiting.cancel()
-        slots.release()  # before the cancelled waiter runs again
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert slots.used == 0 and not slots._waiters
-
-    asyncio.run(main())
-
-
-def test_slots_grow_to_let_waiters_in_and_a_cancelled_waiter_gives_its_slot_on():
-    from facets.llm.slots import Slots
-
-    async def main():
-        slots = Slots(1)
-        await slots.acquire()
-        waiting = [asyncio.create_task(slots.acquire()) for _ in range(3)]
-        await asyncio.sleep(0)
-        assert not any(t.done() for t in waiting)
-        slots.resize(3)  # two more may go
-        await asyncio.sleep(0)
-        assert [t.done() for t in waiting] == [True, True, False]
-        waiting[2].cancel()
-        await asyncio.gather(waiting[2], return_exceptions=True)
-        slots.release()
-        assert slots.used == 2 and not slots._waiters
-
-    asyncio.run(main())
-
-
-def test_slots_serve_waiters_by_priority_then_in_arrival_order():
-    from facets.llm.slots import Slots
-
-    async def main():
-        slots = Slots(1)
-        await slots.acquire()
-        order = []
-
-        async def wait(name: str, priority: int) -> None:
-            async with slots.slot(priority):
-                order.append(name)
-
-        waiting = [asyncio.create_task(wait(name, priority))
-                   for name, priority in (("tree-1", 0), ("response-1", 2), ("tree-2", 0), ("system-1", 1),
-                                          ("response-2", 2))]
-        await asyncio.sleep(0)
-        slots.release()
-        await asyncio.gather(*waiting)
-        assert order == ["response-1", "response-2", "system-1", "tree-1", "tree-2"]
-        assert slots.used == 0 and not slots._waiters
-
-    asyncio.run(main())
-
-
-def test_gateways_of_one_run_share_one_connection_per_call_in_flight():
-    """A build's stages share their call slots and one transport: however the stages take turns, the
-    endpoint sees no more connections than calls in flight, and a stage closing leaves the others theirs."""
-    from facets.llm.slots import CallSlots
-
-    with run_simulator(latency_ms=20) as sim:
-        config = endpoint(sim, limits=RateLimits(rpm=0, max_in_flight=4))
-
-        async def main():
-            slots, transport = CallSlots(config.limits), endpoint_transport(config)
-            stages = [Gateway(config, slots=slots, priority=p, transport=transport) for p in range(3)]
-            results = []
-            for gateway in stages:  # one after another, as a shard's stages finish
-                results += await parse_all(gateway, 12)
-                await gateway.aclose()
-            await transport.close()
-            return results
-
-        results = asyncio.run(main())
-        stats = sim.stats()
-    assert answered(results) and stats["ok"] == 36
-    assert stats["connections"] <= 4
 
 
 # -- faults -----------------------------------------------------------------------------------
@@ -599,10 +296,8 @@ def test_unreachable_endpoint_fails_after_bounded_retries(transport):
     url = f"http://127.0.0.1:{closed_port()}/v1"
     config = EndpointConfig(base_url=url, api_key="sk-test", model=MODEL, transport=transport, limits=UNLIMITED,
                             retries=RETRIES.model_copy(update={"max_attempts": 3, "timeout_s": 1.0}))
-    started = time.monotonic()
     with pytest.raises(EndpointUnreachable) as caught:
         asyncio.run(_parse_one(config))
-    assert time.monotonic() - started < 5
     assert url in str(caught.value) and "3 attempts" in str(caught.value) and "OPENAI_BASE_URL" in str(caught.value)
 
 

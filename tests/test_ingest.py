@@ -20,10 +20,10 @@ import pytest
 
 from facets.flows.cli import main
 from facets.schemas import Instruction, from_table, instruction_id
-from facets.storage import Store
-from facets.tasks import filters
-from facets.tasks.ingest import IngestError, ingest
-from facets.tasks.sources import HubDataset, Source, SourceError, parse_source
+from facets.storage import Catalog, Store
+from facets.ingest import filters
+from facets.ingest.pool import IngestError, ingest
+from facets.ingest.sources import HubDataset, Source, SourceError, parse_source
 
 FIXTURES = Path(__file__).parent / "data" / "sources"
 NECTAR = FIXTURES / "nectar" / "data.jsonl"
@@ -51,7 +51,7 @@ def by_text(data_dir: Path) -> dict[str, dict]:
 
 
 def failures(data_dir: Path) -> list[dict]:
-    with Store(data_dir).catalog() as catalog:
+    with Catalog(Store(data_dir)) as catalog:
         return catalog.sql("SELECT stage, key, reason, detail, source, row, raw_output FROM failures "
                            "ORDER BY key, row").to_arrow_table().to_pylist()
 
@@ -752,7 +752,7 @@ def test_parts_read_by_workers_give_the_same_result_as_one_process(tmp_path):
 
 
 def test_json_lines_parts_cover_every_line_once(tmp_path):
-    from facets.tasks.sources import JsonLinesFile, map_rows, own_layout
+    from facets.ingest.sources import JsonLinesFile, map_rows, own_layout
 
     path = _mixed_jsonl(tmp_path / "f.jsonl", 500)
     whole = JsonLinesFile(path)
@@ -809,7 +809,7 @@ def test_options_errors_from_the_python_api(tmp_path):
 def test_instructions_are_stored_in_bucket_order_so_a_shard_reads_only_the_row_groups_of_its_range(tmp_path):
     import pyarrow.dataset as ds
 
-    from facets.tasks.selection import load_instructions
+    from facets.pipeline.selection import load_instructions
 
     store = Store(str(tmp_path / "data"))
     ingest(store, [f"nectar={NECTAR}", f"openhermes={OPENHERMES}"], seed=0, rows_per_group=16, workers=1)

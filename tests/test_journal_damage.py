@@ -289,14 +289,6 @@ def test_temporary_files_of_dead_writers_are_removed_at_open(tmp_path):
 LLM_STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", "pairs")
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def build_config(sim_url: str, data_dir: Path, **overrides):
     if str(Path(__file__).parent) not in sys.path:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -330,7 +322,7 @@ def drop_stage_rows(data_dir: Path) -> None:
 
 
 def test_rebuild_with_a_cut_journal_segment_asks_only_the_lost_calls_again(tmp_path, prefect_server):
-    from facets.llm.simulator import run_simulator
+    from facets.simulator.server import run_simulator
 
     built, control = tmp_path / "built", tmp_path / "control"
     with run_simulator(seed=3) as sim:  # a seed whose 4 instructions all succeed: the rebuild draws the same 4
@@ -363,7 +355,7 @@ def test_rebuild_with_a_cut_journal_segment_asks_only_the_lost_calls_again(tmp_p
 
 
 def test_rebuild_with_a_cut_stage_file_moves_it_aside_and_makes_its_rows_again(tmp_path, prefect_server):
-    from facets.llm.simulator import run_simulator
+    from facets.simulator.server import run_simulator
 
     with run_simulator(seed=1) as sim:
         report = build(build_config(sim.base_url, tmp_path, publish=True))

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from facets.llm.limit_share import LEASE_MAX_S, SHARED_BURST
-from facets.llm.simulator import SimulatorProcess, max_in_window
+from facets.simulator.server import SimulatorProcess, max_in_window
 
 REDIS = "redis://127.0.0.1:6379/0"
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from facets.flows.commands.build import _print_outcome, progress_bar
-from facets.flows.report import Progress
+from facets.pipeline.report import Progress
 from facets.schemas.config import BuildConfig
 from facets.schemas.records import Failure
 from facets.storage import FAILURES, Store

@@ -88,7 +88,7 @@ def test_status_and_train_turn_prefect_telemetry_off_before_prefect_is_imported(
 
 @pytest.mark.slow
 def test_status_after_a_limited_build_and_a_bench_counts_only_drawn_instructions_and_the_bench_apart(tmp_path):
-    from facets.llm.simulator import run_simulator
+    from facets.simulator.server import run_simulator
 
     limit = 3
     with run_simulator(seed=7) as sim:

@@ -7,21 +7,20 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from facets.flows.build import build_collection
-from facets.llm.simulator import run_simulator
+from facets.simulator.server import run_simulator
 from facets.schemas.config import BuildConfig, EndpointConfig, RateLimits
-from facets.storage import Store
-from facets.storage.s3_server import S3Server, apply_env, restore_env
+from facets.storage import Catalog, Store
+from facets.testing.s3_server import S3Server, apply_env, restore_env
 from facets.storage.store import dataset_arguments
 
 NECTAR = Path(__file__).parent / "data" / "sources" / "nectar" / "data.jsonl"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server, prefect_test_harness(server_startup_timeout=120):
+def s3(prefect_server):
+    with S3Server() as server:
         previous = apply_env(server)
         try:
             yield server
@@ -50,7 +49,7 @@ def test_a_build_on_object_storage_publishes_a_loadable_release_and_a_rebuild_as
     assert not (tmp_path / "data").exists()
 
     store = Store(data_dir)
-    with store.catalog() as catalog:
+    with Catalog(store) as catalog:
         ((pairs,),) = catalog.sql("select count(*) from pairs").fetchall()
         ((sft,),) = catalog.sql("select count(*) from release_sft").fetchall()
     assert (pairs, sft) == (4, 12)

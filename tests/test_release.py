@@ -31,8 +31,8 @@ from facets.schemas import (
     SystemMessage,
     fingerprint,
 )
-from facets.storage import Store
-from facets.tasks.release import (
+from facets.storage import Catalog, Store
+from facets.release.publish import (
     EXPECTED_SCHEMA,
     Release,
     ReleaseError,
@@ -337,7 +337,7 @@ def test_sunburst_html_is_offline_and_png_valid(published):
 
 def test_catalog_sees_the_release(published):
     store, _, release = published
-    with store.catalog() as catalog:
+    with Catalog(store) as catalog:
         assert catalog.sql("SELECT count(*) FROM release_sft").fetchall() == [(3 * N,)]
         assert catalog.sql("SELECT count(*) FROM release_rm").fetchall() == [(N,)]
 
@@ -451,7 +451,7 @@ def test_a_release_that_does_not_fit_duckdbs_memory_is_made_again_with_more(tmp_
     with pytest.raises(duckdb.OutOfMemoryException):  # 1, 2, 4 and 8 MB: too little for DuckDB itself
         publish_release(store, build.expected(), INFO, seed=3, memory_mb=1)
     assert not (Path(store.root) / "releases").exists()
-    with caplog.at_level("WARNING", logger="facets.tasks.release"):
+    with caplog.at_level("WARNING", logger="facets.release.publish"):
         release = publish_release(store, build.expected(), INFO, seed=3, memory_mb=5)
     assert release.version == first.version and release.is_new
     assert "making it again with 10 MB" in caplog.text

@@ -19,11 +19,10 @@ import psutil
 import pytest
 
 from facets.flows.commands.server import LocalPrefect, free_port
-from facets.llm.simulator import SimulatorProcess
-from facets.storage import Store
-from facets.storage.s3_server import S3Server, apply_env, restore_env
-from facets.tasks.plan import STAGES
-from test_deployments import _postgres_database
+from facets.simulator.server import SimulatorProcess
+from facets.storage import Catalog, Store
+from facets.testing.s3_server import S3Server, apply_env, restore_env
+from facets.schemas.stages import STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 NECTAR = ROOT / "tests" / "data" / "sources" / "nectar" / "data.jsonl"
@@ -108,32 +107,28 @@ def crashed_runs(api_url: str, flow: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_killed_worker(tmp_path):
-    database_url, drop_database = _postgres_database()
+def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_killed_worker(tmp_path, postgres):
     with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200,
                                             faults={"http_500": 0.03, "http_503": 0.03}) as sim:
         env = worker_env(tmp_path, s3, sim)
         data_dir = f"{s3.make_bucket(f'scale-{uuid.uuid4().hex[:8]}')}/data"
-        try:
-            with LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"], cpu_workers=3,
-                              worker_limit=2, zombie_after_s=ZOMBIE_AFTER_S, start_within_s=START_WITHIN_S,
-                              log_dir=tmp_path / "logs", env=env) as stack:
-                killer = Killer(stack, calling=lambda: sim.stats()["requests"] >= 30)
-                killer.start()
-                spread = facets_build(build_config(data_dir, shard_deployment="build-shard/default"),
-                                      {**env, "PREFECT_API_URL": stack.api_url}, tmp_path / "spread.json")
-                killer.join(1)
-                crashed = crashed_runs(stack.api_url, "build-shard")
-                build_crashed = crashed_runs(stack.api_url, "build-collection")
-                status = subprocess.run([sys.executable, "-m", "facets.flows.cli", "status", "--shards", "--data-dir",
-                                         data_dir], env={**env, "PREFECT_API_URL": stack.api_url}, cwd=ROOT,
-                                        capture_output=True, text=True, timeout=120)
-        finally:
-            drop_database()
+        with LocalPrefect(ROOT, port=free_port(), database_url=postgres, pools=["cpu"], cpu_workers=3,
+                          worker_limit=2, zombie_after_s=ZOMBIE_AFTER_S, start_within_s=START_WITHIN_S,
+                          log_dir=tmp_path / "logs", env=env) as stack:
+            killer = Killer(stack, calling=lambda: sim.stats()["requests"] >= 30)
+            killer.start()
+            spread = facets_build(build_config(data_dir, shard_deployment="build-shard/default"),
+                                  {**env, "PREFECT_API_URL": stack.api_url}, tmp_path / "spread.json")
+            killer.join(1)
+            crashed = crashed_runs(stack.api_url, "build-shard")
+            build_crashed = crashed_runs(stack.api_url, "build-collection")
+            status = subprocess.run([sys.executable, "-m", "facets.flows.cli", "status", "--shards", "--data-dir",
+                                     data_dir], env={**env, "PREFECT_API_URL": stack.api_url}, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
         stats = sim.stats()
         previous = apply_env(s3)
         try:
-            with Store(data_dir).catalog() as catalog:
+            with Catalog(Store(data_dir)) as catalog:
                 ((sft, prompts),) = catalog.sql("select count(*), count(distinct prompt) from release_sft").fetchall()
         finally:
             restore_env(previous)
@@ -144,7 +139,7 @@ def test_three_workers_build_one_release_equal_to_one_process_and_outlive_a_kill
     # `facets status --shards`: every shard run of the build, the crashed ones and where the others ran
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("Crashed") == crashed and "Completed" in status.stdout, status.stdout
-    assert f"Completed   {len(STAGES)} of {len(STAGES)}" in status.stdout, "a finished run reported every stage"
+    assert f"Completed   {len(STAGE_NAMES)} of {len(STAGE_NAMES)}" in status.stdout, "a finished run reported every stage"
     # the shard runs of the dead worker paid again at most what they had in flight
     assert stats["paid_twice"] <= len(killer.killed) * IN_FLIGHT, stats
     assert stats["max_ok_in_window"] <= RPM * 1.05, f"one 60 s window held more than the shared RPM: {stats}"
@@ -177,46 +172,42 @@ def wait_for(condition, timeout_s: float, what: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_resumes(tmp_path):
+def test_a_build_cancelled_from_the_server_cancels_its_shard_runs_and_a_rerun_resumes(tmp_path, postgres):
     from prefect.client.orchestration import PrefectClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
-    database_url, drop_database = _postgres_database()
     with S3Server() as s3, SimulatorProcess(seed=9, latency_ms=800, jitter_ms=200) as sim:
         env = worker_env(tmp_path, s3, sim)
         data_dir = f"{s3.make_bucket(f'cancel-{uuid.uuid4().hex[:8]}')}/data"
         config = build_config(data_dir, shard_deployment="build-shard/default")
-        try:
-            with LocalPrefect(ROOT, port=free_port(), database_url=database_url, pools=["cpu"], cpu_workers=1,
-                              worker_limit=6, log_dir=tmp_path / "logs", env=env) as stack, \
-                    temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
-                # the scheduled deployment, run as the UI runs it, then cancelled as the UI cancels it
-                build = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=0)
-                tag = f"build:{build.id}"
-                wait_for(lambda: any(r.state.is_running() for r in flow_runs(stack.api_url, "build-shard", tag)),
-                         240, "a shard run is running")
-                wait_for(lambda: sim.stats()["requests"] >= 10, 120, "the shard runs call the endpoint")
+        with LocalPrefect(ROOT, port=free_port(), database_url=postgres, pools=["cpu"], cpu_workers=1,
+                          worker_limit=6, log_dir=tmp_path / "logs", env=env) as stack, \
+                temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+            # the scheduled deployment, run as the UI runs it, then cancelled as the UI cancels it
+            build = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=0)
+            tag = f"build:{build.id}"
+            wait_for(lambda: any(r.state.is_running() for r in flow_runs(stack.api_url, "build-shard", tag)),
+                     240, "a shard run is running")
+            wait_for(lambda: sim.stats()["requests"] >= 10, 120, "the shard runs call the endpoint")
 
-                async def cancel():
-                    async with PrefectClient(stack.api_url) as client:
-                        await client.set_flow_run_state(build.id, Cancelling(message="from the UI"))
+            async def cancel():
+                async with PrefectClient(stack.api_url) as client:
+                    await client.set_flow_run_state(build.id, Cancelling(message="from the UI"))
 
-                asyncio.run(cancel())
-                shards = wait_for(lambda: (runs := flow_runs(stack.api_url, "build-shard", tag))
-                                  and all(r.state.is_final() for r in runs) and runs, 180,
-                                  "every shard run of the cancelled build ended")
-                # cancelled, unless it had finished before the cancel came
-                states = {r.state.type.value for r in shards}
-                assert "CANCELLED" in states and states <= {"CANCELLED", "COMPLETED"}, [r.state for r in shards]
-                (parent,) = [r for r in flow_runs(stack.api_url, "build-collection") if r.id == build.id]
-                assert parent.state.is_cancelled(), parent.state
-                paid_before = sim.stats()["ok"]
-                again = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=600)
-                assert again.state.is_completed(), again.state
-        finally:
-            drop_database()
+            asyncio.run(cancel())
+            shards = wait_for(lambda: (runs := flow_runs(stack.api_url, "build-shard", tag))
+                              and all(r.state.is_final() for r in runs) and runs, 180,
+                              "every shard run of the cancelled build ended")
+            # cancelled, unless it had finished before the cancel came
+            states = {r.state.type.value for r in shards}
+            assert "CANCELLED" in states and states <= {"CANCELLED", "COMPLETED"}, [r.state for r in shards]
+            (parent,) = [r for r in flow_runs(stack.api_url, "build-collection") if r.id == build.id]
+            assert parent.state.is_cancelled(), parent.state
+            paid_before = sim.stats()["ok"]
+            again = run_deployment("build-collection/incremental", parameters={"config": config}, timeout=600)
+            assert again.state.is_completed(), again.state
         stats = sim.stats()
     assert paid_before > 0 and stats["ok"] > paid_before
     # the rerun resumed from what the cancelled build stored: only calls in flight at the cancel paid again

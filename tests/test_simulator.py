@@ -15,9 +15,9 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from facets.flows.commands import simulate
-from facets.llm.fake_text import count_tokens, schema_instance
+from facets.simulator.fake_text import count_tokens, schema_instance
 from facets.llm.limiter import parse_reset
-from facets.llm.simulator import (
+from facets.simulator.server import (
     FAULT_KINDS,
     SimulatorConfig,
     SimulatorProcess,

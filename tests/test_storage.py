@@ -284,7 +284,7 @@ def test_killed_writer_leaves_stage_readable(tmp_path):
     assert store.files(FAILURES) == [str(p) for p in visible]
     assert store.count(FAILURES) == 4000 * len(visible)
     assert store.read(FAILURES, columns=["key"]).num_rows == 4000 * len(visible)
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert cat.sql("SELECT count(*) FROM failures").fetchall() == [(4000 * len(visible),)]
         assert cat.sql("SELECT count(DISTINCT key) FROM failures").fetchall() == [(4000,)]
     # and the stage takes new writes
@@ -296,7 +296,7 @@ def test_killed_writer_leaves_stage_readable(tmp_path):
 def test_catalog_views_for_every_stage_even_empty(root):
     store = Store(root)
     store.write("instructions", _instructions(3))
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert isinstance(cat, Catalog)
         views = {r[0] for r in cat.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         assert set(TABLE_MODELS) <= views
@@ -316,7 +316,7 @@ def test_catalog_views_for_every_stage_even_empty(root):
 def test_catalog_nested_columns_query(root):
     store = Store(root)
     store.write("preference_sets", _sets(3))
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         rows = cat.sql(
             "SELECT fingerprint, p.dimension FROM (SELECT fingerprint, unnest(preferences) AS p FROM preference_sets) "
             "WHERE p.dimension = 'harmlessness' ORDER BY fingerprint"
@@ -326,7 +326,7 @@ def test_catalog_nested_columns_query(root):
 
 def test_catalog_refresh_picks_up_new_files(root):
     store = Store(root)
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert cat.sql("SELECT count(*) FROM system_messages").fetchall() == [(0,)]
         other = Store(root)
         other.write("system_messages", [
@@ -348,7 +348,7 @@ def test_missing_anti_join(root):
     store = Store(root)
     store.write("preference_sets", _sets(6))  # fp-0 .. fp-5
     store.write("instructions", _instructions(2))
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         got = cat.missing("preference_sets", ["fp-1", "fp-9", "fp-5", "fp-7"])
         assert got.column_names == ["fingerprint"]
         assert sorted(got.column("fingerprint").to_pylist()) == ["fp-7", "fp-9"]
@@ -406,7 +406,7 @@ def test_catalog_release_views(root):
     store.fs.pipe_file(store.path("releases", "v2", "sft", ".data-x.parquet.tmp"), b"partial")
     store.fs.pipe_file(store.path("releases", "LATEST"), b"v1\n")
 
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         names = [(v, n) for v, n, _ in cat.release_tables()]
         assert names[-1] == ("v1", "sft")  # the LATEST version last, whatever its name sorts as
         assert sorted(names) == [("v1", "sft"), ("v2", "rm"), ("v2", "sft")]
@@ -433,7 +433,7 @@ def test_catalog_release_names_that_are_not_identifiers(root):
     store = Store(root)
     _release(store, "2024.06.01+abc", "rm-extra", [_rm("x")], RMRow)
     _release(store, "2024.06.01+abc", "sft", [_sft("y")], SFTRow)
-    with store.catalog() as cat:  # one odd directory name must not take the whole catalog down
+    with Catalog(store) as cat:  # one odd directory name must not take the whole catalog down
         assert cat.sql("SELECT count(*) FROM release_rm_extra").fetchall() == [(1,)]
         assert cat.sql("SELECT count(*) FROM release_2024_06_01_abc_rm_extra").fetchall() == [(1,)]
         assert cat.sql("SELECT prompt FROM release_sft").fetchall() == [("y",)]
@@ -444,14 +444,14 @@ def test_catalog_release_without_latest_takes_newest_name(root):
     store = Store(root)
     _release(store, "2024-06-01-aaaa", "small", [_sft("old")], SFTRow)
     _release(store, "2024-07-01-bbbb", "small", [_sft("new")], SFTRow)
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert cat.sql("SELECT prompt FROM release_small").fetchall() == [("new",)]
         assert cat.sql("SELECT prompt FROM release_2024_06_01_aaaa_small").fetchall() == [("old",)]
 
 
 def test_catalog_with_no_releases_dir(root):
     store = Store(root)
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert cat.release_tables() == []
         views = {r[0] for r in cat.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         assert not any(v.startswith("release_") for v in views)
@@ -463,7 +463,7 @@ def test_catalog_on_memory_root_reads_through_fsspec(memory_root):
     store.write("pairs", [Pair(instruction_id="n1-a", fingerprint=f"fp{i}", chosen_index=i, rejected_index=i + 1)
                           for i in range(3)])
     _release(store, "v1", "dpo", [_rm("x")], RMRow)  # any release table will do
-    with store.catalog() as cat:
+    with Catalog(store) as cat:
         assert cat.sql("SELECT sum(chosen_index) FROM pairs").fetchall() == [(3,)]
         assert cat.sql("SELECT count(*) FROM release_dpo").fetchall() == [(1,)]
         assert cat.missing("pairs", ["fp1", "fp7"]).column("fingerprint").to_pylist() == ["fp7"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,13 +92,29 @@ def test_sft_loss_falls_on_a_repeated_batch(data_dir, model_dir, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_a_stopped_run_resumes_from_its_last_checkpoint(data_dir, model_dir, tmp_path):
-    train(config(data_dir, model_dir, tmp_path, max_steps=2, save_steps=1))
+def test_a_stopped_run_resumes_and_a_finished_one_is_not_trained_past_its_steps(data_dir, model_dir, tmp_path):
+    def metrics() -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    # logging every 10 steps would log only step 1 of 2: a short run logs every step, the last one included
+    first = train(config(data_dir, model_dir, tmp_path, max_steps=2, save_steps=1, logging_steps=10))
     assert (tmp_path / "checkpoint-2").is_dir()
-    result = train(config(data_dir, model_dir, tmp_path, max_steps=4, save_steps=1))
-    assert result.steps == 4
-    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert logged.count(1) == 1, "the second run started at step 3, not from scratch"
+    assert [m["step"] for m in metrics() if "loss" in m] == [1, 2]
+    assert first.final_loss == round(metrics()[1]["loss"], 4), "the final loss is the last logged step's, rounded"
+
+    result = train(config(data_dir, model_dir, tmp_path, max_steps=4, save_steps=1, logging_steps=10))
+    assert result.steps == 4 and not result.already_trained
+    logged = [m["step"] for m in metrics() if "loss" in m]
+    assert logged == [1, 2, 3, 4], "the second run started at step 3, not from scratch, and logged each step"
+    assert result.final_loss == round(metrics()[-2]["loss"], 4) and len(str(result.final_loss)) <= 7
+
+    for steps in (4, 3):  # finished: the same or fewer steps train nothing more (step 5 never happens)
+        again = train(config(data_dir, model_dir, tmp_path, max_steps=steps, save_steps=1, logging_steps=10))
+        assert again.already_trained and again.steps == 4 and again.final_loss == result.final_loss
+    assert [m["step"] for m in metrics() if "loss" in m] == [1, 2, 3, 4]
+    assert not (tmp_path / "checkpoint-5").exists()
+    with pytest.raises(TrainingInputError, match="another learning_rate"):
+        train(config(data_dir, model_dir, tmp_path, max_steps=4, learning_rate=1e-3))
 
 
 # -- what the model learns from --------------------------------------------------------------------------------
@@ -192,7 +209,7 @@ def test_a_local_model_s_prompt_keeps_its_text_as_text(model_dir):
     from transformers import AutoTokenizer
 
     from facets.schemas.evaluation import ModelSpec
-    from facets.tasks.bench_generate import local_prompt_ids, render_local
+    from facets.evaluation.generate import local_prompt_ids, render_local
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = ModelSpec(name="m", local_model=str(model_dir), prompt_format="mistral")
@@ -346,25 +363,61 @@ def prefect_server():
         yield
 
 
-def test_the_train_flow_publishes_the_loss_curve_and_a_table(prefect_server, data_dir, model_dir, tmp_path):
+BYTECODE = re.compile(r"\b(RESUME|LOAD_FAST|LOAD_CONST|LOAD_GLOBAL|RETURN_VALUE|BUILD_LIST|Disassembly of)\b")
+
+
+def test_the_train_flow_logs_each_step_readably_and_publishes_the_loss_curve(prefect_server, data_dir, model_dir,
+                                                                             tmp_path):
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
 
     from facets.flows.train import train as train_flow
 
-    result = train_flow(config(data_dir, model_dir, tmp_path, max_steps=2))
+    state = train_flow(config(data_dir, model_dir, tmp_path, max_steps=2, logging_steps=10), return_state=True)
+    result = state.result()
     assert result["steps"] == 2 and Path(result["output_dir"], "model.safetensors").is_file()
 
     async def artifacts(key: str):
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
+    async def logs(flow_run_id) -> list[str]:
+        await APILogHandler.aflush()  # logs go to the server in batches
+        async with get_client() as client:
+            found = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return [log.message for log in found]
+
     table = asyncio.run(artifacts("train-loss"))[0]
     assert [row["step"] for row in json.loads(table.data)] == [1, 2]
     summary = asyncio.run(artifacts("train-summary"))[0]
     assert "data:image/png;base64," in summary.data and "| 2 |" in summary.data
+
+    messages = asyncio.run(logs(state.state_details.flow_run_id))
+    assert not [m for m in messages if BYTECODE.search(m)], "no disassembly from datasets' fingerprinting"
+    steps = [m for m in messages if m.startswith("step ")]
+    assert [m.split(":")[0] for m in steps] == ["step 1/2", "step 2/2"], messages
+    assert re.fullmatch(r"step 2/2: loss \d+\.\d{4}, lr [\d.e+-]+, grad norm [\d.e+-]+", steps[-1])
+    assert any(f"final loss {result['final_loss']})" in m for m in messages) and str(result["final_loss"]) in steps[-1]
+    assert len(messages) < 20, messages
+
+    again = train_flow(config(data_dir, model_dir, tmp_path, max_steps=2), return_state=True)
+    assert again.result()["already_trained"] and again.result()["final_loss"] == result["final_loss"]
+    assert any("already trained" in m for m in asyncio.run(logs(again.state_details.flow_run_id)))
+
+
+def test_dpo_without_a_base_model_is_refused_in_one_line(data_dir, tmp_path):
+    """It never starts silently from the base model: a real `facets train` process, before Prefect or torch."""
+    command = [sys.executable, "-m", "facets.flows.cli", "train", "--method", "dpo", "--release", str(data_dir),
+               "--output", str(tmp_path / "dpo"), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("facets train: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "--base-model" in done.stderr and "`small`" in done.stderr
+    assert not (tmp_path / "dpo").exists()
 
 
 def test_facets_train_runs_the_flow_and_reports_bad_flags(prefect_server, data_dir, model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from facets.schemas import to_table
 from facets.schemas.release import ChatMessage, PreferencePairRow, SFTRow
 from facets.schemas.records import DIMENSIONS, Preference
-from facets.tasks.release import LATEST, data_file
+from facets.release.publish import LATEST, data_file
 
 ROOT = Path(__file__).parent
 DSP = ROOT / "data/sources/dsp/domain_specific_preference.json"

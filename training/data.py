@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facets.schemas.prompt_format import mistral_prompt  # the recipe's prompt, shared with evaluation
 from facets.schemas.training import TrainConfig
 
 SFT_COLUMNS = ("system", "prompt", "output")
@@ -24,11 +25,6 @@ PAIR_COLUMNS = ("system", "prompt", "chosen", "rejected")
 
 class TrainingInputError(ValueError):
     """Bad input found before any model is loaded: the message says what and where."""
-
-
-def mistral_prompt(system: str, prompt: str) -> str:
-    """The recipe's prompt; the tokenizer adds BOS, and the completion starts with the separating space."""
-    return f"[INST] {system}\n{prompt} [/INST]"
 
 
 # -- locating and checking ------------------------------------------------------------------------

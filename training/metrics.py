@@ -8,6 +8,30 @@ from transformers import TrainerCallback
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
+LOGGED_POINTS = 50  # a run of fewer optimiser steps than this logs every one of them
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """A loss as a person reads it: four decimals."""
+    return None if value is None else round(float(value), digits)
+
+
+def logging_interval(configured: int, total_steps: int) -> int:
+    """Steps between logs: the configured interval, but at most total/LOGGED_POINTS, so a short run logs
+    every step and a long one still draws a curve of some fifty points."""
+    return max(1, min(configured, total_steps // LOGGED_POINTS))
+
+
+class LogEveryFewSteps(TrainerCallback):
+    """Logs often enough to see the run (`logging_interval`), and always the last step, so the final loss is
+    that step's and not an earlier one's (a resumed run's state carries the interval it was saved with)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.logging_steps = logging_interval(args.logging_steps, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class MetricsFile(TrainerCallback):
@@ -31,6 +55,12 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_loss(records: list[dict]) -> float | None:
+    """The loss of the last logged step, rounded."""
+    points = loss_points(records)
+    return rounded(points[-1][1]) if points else None
 
 
 def loss_points(records: list[dict]) -> list[tuple[int, float]]:

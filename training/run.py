@@ -20,6 +20,12 @@ from facets.training.data import (TrainingInputError, check_base_model, check_la
 
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.json"
+NO_DPO_START = ("DPO starts from the SFT model trained on `small` (Janus*), never silently from the base model: "
+                "pass --base-model FOLDER of that model (facets train --method sft --subset small --output FOLDER)")
+# what a rerun may change and still be the same run: how long, how often it saves and logs, and where it runs
+RERUN_MAY_CHANGE = {"max_steps", "epochs", "save_steps", "save_total_limit", "logging_steps", "resume",
+                    "num_processes", "device", "sharding", "cpu_offload", "batch_size", "liger",
+                    "attn_implementation", "gradient_checkpointing"}
 
 
 class TrainResult(BaseModel):
@@ -33,6 +39,7 @@ class TrainResult(BaseModel):
     tokens_per_second: float
     lengths: dict
     config: dict
+    already_trained: bool = False  # the run had finished before: nothing was trained this time
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -52,6 +59,8 @@ def resolve_device(config: TrainConfig) -> str:
 def check_inputs(config: TrainConfig) -> TrainConfig:
     """Every check that needs no model; returns the config with the recipe filled in and the release resolved."""
     config = config.resolved()
+    if config.base_model is None:
+        raise TrainingInputError(NO_DPO_START)
     release = resolve_release(config.release)
     check_layout(subset_files(release, config.subset), config.method)
     check_base_model(config.base_model)
@@ -73,18 +82,51 @@ def load_tokenizer(base_model: str) -> Any:
 
 
 def last_checkpoint(config: TrainConfig) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint: one that a kill cut short (no trainer_state.json, the last file the
+    Trainer writes) is passed over for the one before it."""
     output = Path(config.output_dir)
-    return get_last_checkpoint(str(output)) if config.resume and output.is_dir() else None
+    if not config.resume or not output.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in output.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    complete = [p for _, p in steps if (p / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
+
+
+def finished_run(config: TrainConfig) -> TrainResult | None:
+    """The summary of the run already finished in `config.output_dir`, when it trained as far as `config`
+    asks (its steps, or its epochs); None when there is none or it should go on. A rerun never trains past a
+    finished run's last step; a larger --max-steps (or more epochs) goes on from its last checkpoint."""
+    summary_file = Path(config.output_dir) / SUMMARY_FILE
+    if not config.resume or not summary_file.is_file():
+        return None
+    done = TrainResult.model_validate_json(summary_file.read_text())
+    earlier = TrainConfig.model_validate(done.config)
+    changed = sorted(name for name in TrainConfig.model_fields
+                     if name not in RERUN_MAY_CHANGE and getattr(earlier, name) != getattr(config, name))
+    if changed:
+        raise TrainingInputError(
+            f"{config.output_dir} holds a finished run with another {', '.join(changed)}: "
+            "pass another --output, or --no-resume to train over it")
+    if config.max_steps > 0:
+        finished = done.steps >= config.max_steps
+    else:
+        finished = earlier.max_steps <= 0 and (earlier.epochs or 0) >= (config.epochs or 0)
+    return done.model_copy(update={"already_trained": True}) if finished else None
 
 
 def train(config: TrainConfig, callbacks: list | None = None, processes: int = 1) -> TrainResult:
-    """Runs one method on one release subset and saves the model, its tokenizer and the metrics."""
-    from facets.training.metrics import LOSS_CURVE_FILE, MetricsFile, plot_loss_curve, read_metrics
-    from facets.training.trainers import build_trainer
+    """Runs one method on one release subset and saves the model, its tokenizer and the metrics; a run
+    already finished in the output folder is returned as it is (`finished_run`)."""
+    from facets.training.metrics import LOSS_CURVE_FILE, METRICS_FILE, MetricsFile, plot_loss_curve, read_metrics
 
     config = check_inputs(config)
+    done = finished_run(config)
+    if done is not None:
+        return done
+    from facets.training.metrics import LogEveryFewSteps, final_loss, rounded
+    from facets.training.trainers import build_trainer
+
     on_cpu = resolve_device(config) == "cpu"
     tokenizer = load_tokenizer(config.base_model)
     rows, lengths = load_rows(config, tokenizer)
@@ -92,17 +134,22 @@ def train(config: TrainConfig, callbacks: list | None = None, processes: int = 1
     output.mkdir(parents=True, exist_ok=True)
     (output / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
     trainer = build_trainer(config, rows, tokenizer, on_cpu=on_cpu, processes=processes,
-                            callbacks=[MetricsFile(config.output_dir), *(callbacks or [])])
+                            callbacks=[MetricsFile(config.output_dir), LogEveryFewSteps(), *(callbacks or [])])
+    resume_from = last_checkpoint(config)
+    if resume_from is None:  # a run from scratch: no curve of an earlier one mixed into its own
+        (output / METRICS_FILE).unlink(missing_ok=True)
     started = time.monotonic()
-    outcome = trainer.train(resume_from_checkpoint=last_checkpoint(config))
+    outcome = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.monotonic() - started
     save(trainer, tokenizer, config)
     records = read_metrics(output)
     plot_loss_curve(records, output / LOSS_CURVE_FILE, f"{config.method} on {Path(config.release).name}/{config.subset}")
-    losses = [r["loss"] for r in records if "loss" in r]
+    last_logged = final_loss(records)
     tokens = int(trainer.state.num_input_tokens_seen or 0) or estimated_tokens(trainer, lengths)
+    if last_logged is None:
+        last_logged = rounded(outcome.training_loss)
     result = TrainResult(output_dir=str(output), method=config.method, release=config.release,
-                         steps=trainer.state.global_step, final_loss=losses[-1] if losses else outcome.training_loss,
+                         steps=trainer.state.global_step, final_loss=last_logged,
                          seconds=round(seconds, 2), tokens_seen=tokens,
                          tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
                          lengths=lengths.as_dict(), config=config.model_dump(mode="json"))
@@ -118,14 +165,36 @@ def estimated_tokens(trainer: Any, lengths: Any) -> int:
 
 
 def save(trainer: Any, tokenizer: Any, config: TrainConfig) -> None:
-    """The final model in bf16 (as the base models ship) unless the run was fp32 throughout."""
+    """The final model in bf16 (as the base models ship) unless the run was fp32 throughout; a sharded run's
+    shards are gathered into one Hugging Face model (its checkpoints stay sharded, one file per process)."""
     import torch
 
-    if config.precision != "fp32":
-        trainer.model.to(torch.bfloat16)
-    trainer.save_model(config.output_dir)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = consolidated_state(trainer, torch.float32 if config.precision == "fp32" else torch.bfloat16)
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(config.output_dir, state_dict=state)
+        trainer.accelerator.wait_for_everyone()
+    else:
+        if config.precision != "fp32":
+            trainer.model.to(torch.bfloat16)
+        trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
+
+
+def consolidated_state(trainer: Any, dtype: Any) -> dict:
+    """The sharded model's whole state dict on the main process (empty elsewhere), gathered one tensor at a
+    time so no GPU ever holds more than one whole tensor beyond its shard; every process must call it."""
+    from torch.distributed.tensor import DTensor
+
+    main = trainer.is_world_process_zero()
+    state = {}
+    for name, value in trainer.model.state_dict().items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value  # a collective: same order everywhere
+        if main:
+            state[name] = whole.detach().to("cpu", dtype if whole.is_floating_point() else whole.dtype).clone()
+        del whole
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from facets.schemas.training import TrainConfig
+from facets.training.sharding import fsdp_trainer, sharded_by_launcher
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.experimental in TRL 1.x
 
@@ -42,6 +43,8 @@ def common_arguments(config: TrainConfig, on_cpu: bool, processes: int) -> dict[
     if config.attn_implementation == "facets_varlen":
         from facets.training import attention  # noqa: F401 - registers the implementation with transformers
     checkpointing = (not on_cpu) if config.gradient_checkpointing is None else config.gradient_checkpointing
+    if sharded_by_launcher():  # FSDP checkpoints each decoder layer itself (the launcher's flag says whether)
+        checkpointing = False
     arguments: dict[str, Any] = dict(
         output_dir=config.output_dir,
         num_train_epochs=config.epochs,
@@ -85,7 +88,7 @@ def build_trainer(config: TrainConfig, rows: Any, tokenizer: Any, *, on_cpu: boo
         # (cu_seq_lens); facets_varlen (or sdpa's block-diagonal mask) keeps every sample to itself (tested)
         args = SFTConfig(**arguments, max_length=config.max_length, packing=config.packing, packing_strategy="bfd",
                          completion_only_loss=True, shuffle_dataset=True)
-        return SFTTrainer(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
+        return sharded(SFTTrainer)(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
                           callbacks=callbacks)
     if config.method == "dpo":
         from trl import DPOConfig
@@ -102,12 +105,17 @@ def build_trainer(config: TrainConfig, rows: Any, tokenizer: Any, *, on_cpu: boo
                             callbacks=callbacks)
 
 
+def sharded(trainer_class: type) -> type:
+    """The trainer itself, or its FSDP-sharding subclass when `accelerate launch` asked for FSDP."""
+    return fsdp_trainer(trainer_class) if sharded_by_launcher() else trainer_class
+
+
 # Rows come tokenised (training/data.py: a row's text never becomes a special token). SFT takes `input_ids`
 # and `completion_mask` as they are; DPO and ORPO would tokenise from text again, so they take the ids here.
 def tokenised_dpo():
     from trl import DPOTrainer
 
-    class TokenisedDPOTrainer(DPOTrainer):
+    class TokenisedDPOTrainer(sharded(DPOTrainer)):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" in dataset.column_names:  # lengths were checked when the rows were made
                 return dataset
@@ -119,7 +127,7 @@ def tokenised_dpo():
 def tokenised_orpo():
     from trl.experimental.orpo import ORPOTrainer
 
-    class TokenisedORPOTrainer(ORPOTrainer):
+    class TokenisedORPOTrainer(sharded(ORPOTrainer)):
         def tokenize_row(self, feature, model=None) -> dict:
             if "prompt_ids" not in feature:
                 return super().tokenize_row(feature, model)

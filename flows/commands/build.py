@@ -7,14 +7,17 @@ loopback simulator, which it starts itself and says so: simulated text, never re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shlex
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from facets.flows.commands import shell
 from facets.flows.commands.config_file import config_problem, read_config_file, section
 from facets.flows.commands.stopping import StopSignals, Stopped, quiet_prefect_logs, report_stop, start_shielded
 
@@ -94,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from facets.llm.errors import RunAborted
     from facets.storage.errors import describe_storage_error, is_storage_error
     from facets.storage.lease import DataDirLocked
-    from facets.tasks.ingest import IngestError
-    from facets.tasks.release import ReleasePushError
-    from facets.tasks.sources import SourceError
+    from facets.ingest.pool import IngestError
+    from facets.release.publish import ReleasePushError
+    from facets.ingest.sources import SourceError
 
     try:
         config = load_config(args)
@@ -129,15 +132,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _with_simulator(config: BuildConfig, stack: ExitStack) -> BuildConfig:
-    from facets.llm.simulator import SimulatorProcess
+    from facets.simulator.server import SIMULATED_URL_ENV, SimulatorProcess
 
     rpm = SIMULATOR_RPM if config.endpoint.limits.rpm == RateLimits().rpm else config.endpoint.limits.rpm
     simulator = stack.enter_context(_started(SimulatorProcess(seed=config.seed, rpm=int(rpm), latency_ms=200, jitter_ms=100)))
     print(f"OPENAI_API_KEY and OPENAI_BASE_URL are not set: building against the loopback simulator at "
           f"{simulator.base_url} (simulated text, for trying the pipeline; set OPENAI_API_KEY for real data)",
           file=sys.stderr)
+    os.environ[SIMULATED_URL_ENV] = simulator.base_url  # the release card then says the text is simulated
     limits = config.endpoint.limits.model_copy(update={"rpm": rpm})
-    endpoint = config.endpoint.model_copy(update={"base_url": simulator.base_url, "model": SIMULATOR_MODEL, "limits": limits})
+    # simulated calls cost nothing, and saying so lets a config with max_cost run as it is
+    prices = {**config.endpoint.prices, SIMULATOR_MODEL: (0.0, 0.0, 0.0)}
+    endpoint = config.endpoint.model_copy(update={"base_url": simulator.base_url, "model": SIMULATOR_MODEL,
+                                                  "limits": limits, "prices": prices})
     stages = {name: s.model_copy(update={"model": None}) for name, s in config.stages.items()}
     return config.model_copy(update={"endpoint": endpoint, "stages": stages})
 
@@ -166,16 +173,12 @@ def _build(config: BuildConfig, stops: StopSignals, quiet: bool) -> dict:
     # the embedded server needs more than Prefect's default 20 s to start on a busy small machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from facets.flows import build
+    from facets.pipeline.report import listening
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_WithoutTraceback())
-    if not quiet:
-        build.PROGRESS_LISTENERS.append(progress_bar)
-    try:
+    with listening(progress_bar) if not quiet else contextlib.nullcontext():
         return stops.run(build.build_collection(config))
-    finally:
-        if progress_bar in build.PROGRESS_LISTENERS:
-            build.PROGRESS_LISTENERS.remove(progress_bar)
 
 
 def _print_outcome(report: dict, config: BuildConfig) -> None:
@@ -194,7 +197,8 @@ def _print_outcome(report: dict, config: BuildConfig) -> None:
 
         state = "new release" if release["is_new"] else "no change since the last release"
         print(f"release {release['version']} ({state}) at {release['path']}")
-        print(f"  open:  python -c \"import datasets; print(datasets.load_dataset('parquet', "
+        python, facets = shell.command("python"), shell.command("facets")
+        print(f"  open:  {python} -c \"import datasets; print(datasets.load_dataset('parquet', "
               f"{dataset_call(release['path'] + '/sft')}))\"")
         print(f"  card:  {release['path']}/README.md   sunburst: {release['path']}/sunburst.html")
-        print(f"  query: facets inspect --data-dir {config.data_dir} \"select * from release_sft limit 5\"")
+        print(f"  query: {facets} inspect --data-dir {shlex.quote(config.data_dir)} \"select * from release_sft limit 5\"")

@@ -34,17 +34,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def estimate(config: BuildConfig) -> list[dict]:
-    from facets.flows.build import load_templates
+    from facets.tasks.stages import load_templates
     from facets.tasks.preference_trees import seeds_text
 
     templates = load_templates(config)
     instruction = "x" * int(TYPICAL["instruction"] * 4)
     system = "y" * int(TYPICAL["system_messages"] * 4)
     prompts = {
-        "preference_trees": (templates["preference_tree"].messages(seeds=seeds_text(), instruction=instruction),
+        "preference_trees": (templates["preference_trees"].messages(seeds=seeds_text(), instruction=instruction),
                              len(str(json_schema_format(PreferenceTreeBody)))),
-        "system_messages": (templates["system_message"].messages(preferences="z" * 800, instruction=instruction), 0),
-        "responses": (templates["gold_response"].messages(system_message=system, instruction=instruction), 0),
+        "system_messages": (templates["system_messages"].messages(preferences="z" * 800, instruction=instruction), 0),
+        "responses": (templates["responses"].messages(system_message=system, instruction=instruction), 0),
     }
     n, sets = config.limit or 0, config.sets_per_instruction
     rows = []

@@ -25,7 +25,9 @@ from facets.flows.commands.config_file import config_problem, read_config_file, 
 
 def _common(add) -> None:
     add("--config", type=Path, help="an EvalConfig as JSON (or YAML); the flags below override it")
-    add("--bench", help="a bench folder, its release folder, or a data dir holding one (default: the data dir)")
+    add("--bench", help="a bench folder, its release folder, or a data dir holding one (default: the data dir); "
+                        "or the published bench: kaist-ai/Multifaceted-Bench (read with datasets), or a local copy "
+                        "in its layout, scored beside the paper's Table 2")
     add("--data-dir", help="data directory for responses, judgments, journal and summary (default ./data)")
     add("--limit", type=int, help="only the first N bench items (a smoke run)")
     add("--seed", type=int, help="seed of local sampling and of the judge runs (default 0)")
@@ -48,6 +50,12 @@ def _model_flags(add, required: bool) -> None:
     add("--rpm", type=float, help="the model endpoint's requests per minute")
     add("--max-in-flight", type=int, help="concurrent requests to the model endpoint at most")
     add("--batch-size", type=int, help="local model: prompts per batch (default 8)")
+    add("--repetition-penalty", type=float,
+        help="default 1.03 for open models (mistral, chat formats) as the paper, none for openai; a server that "
+             "refuses the field is asked without it")
+    add("--no-system-message", dest="system_message", action="store_false", default=None,
+        help="the paper's ablation: the prompt alone, without the item's system message (label gets "
+             "' (no system message)')")
 
 
 def _judge_flags(add) -> None:
@@ -100,7 +108,8 @@ def load_config(args: argparse.Namespace):
         spec = {"name": args.model}
         for flag, key in (("label", "label"), ("base_url", "base_url"), ("api_key_env", "api_key_env"),
                           ("local_model", "local_model"), ("prompt_format", "prompt_format"),
-                          ("system_role", "system_role"), ("batch_size", "batch_size")):
+                          ("system_role", "system_role"), ("batch_size", "batch_size"),
+                          ("repetition_penalty", "repetition_penalty"), ("system_message", "system_message")):
             _set(spec, key, getattr(args, flag))
         if args.local_model and not args.prompt_format:
             spec["prompt_format"] = "chat"
@@ -149,7 +158,7 @@ def _simulated(config, stack: ExitStack):
 def run(args: argparse.Namespace) -> int:
     prefect_environment()
     from facets.llm.errors import RunAborted
-    from facets.tasks.bench_release import BenchError
+    from facets.evaluation.bench_release import BenchError
 
     name = f"facets eval {args.action}"
     try:
@@ -173,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     for label, g in report["generated"].items():
         print(f"{label}: {g['reused'] + g['made']} of {g['items']} responses ({g['made']} new, {g['failed']} failed, "
               f"{g['truncated']} cut at max_tokens)")
+        for note in g.get("notes", []):
+            print(f"  {label}: {note}")
         code = code or (1 if g["failed"] else 0)
     if report.get("judged") is not None:
         judged = report["judged"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from facets.tasks.filters import DEFAULT_MAX_CHARS
-from facets.tasks.ingest import IngestError, IngestSummary, ingest
-from facets.tasks.sources import DEFAULT_TEXT_COLUMNS, HUB_DEFAULTS, MAIN_SOURCES, SourceError
+from facets.ingest.filters import DEFAULT_MAX_CHARS
+from facets.ingest.pool import IngestError, IngestSummary, ingest
+from facets.ingest.sources import DEFAULT_TEXT_COLUMNS, HUB_DEFAULTS, MAIN_SOURCES, SourceError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -17,14 +17,14 @@ def run(args: argparse.Namespace) -> int:
     import polars as pl
 
     from facets.flows.commands.status import missing_data_dir
-    from facets.storage import Store
+    from facets.storage import Catalog, Store
 
     store = Store(args.data_dir)
     missing = missing_data_dir(store)
     if missing:
         print(f"facets inspect: error: {missing}", file=sys.stderr)
         return 2
-    with store.catalog() as catalog:
+    with Catalog(store) as catalog:
         try:
             relation = catalog.sql(args.sql)
         except duckdb.Error as exc:

@@ -1,8 +1,8 @@
 """`facets server`: a local Prefect server and worker on loopback with this project's deployments applied.
 
-    facets server                         # then, in another shell, the two lines it prints:
+    facets server --simulate              # then, in another shell, the lines it prints:
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    prefect deployment run build-collection/incremental
+    .venv/bin/prefect deployment run build-collection/sample --watch
 
 What it does, in order:
 1. starts `prefect server start --host 127.0.0.1 --port PORT` (API and UI). Its database is
@@ -15,8 +15,10 @@ What it does, in order:
    and flow run heartbeats every 30 s; it creates the automations that mark a run Crashed when its
    worker is gone (flows/automations.py), so a build starts again the shards of a worker that died.
 3. applies prefect.yaml the way a user would: `prefect --no-prompt deploy --all`, from the project
-   directory.
-4. prints the PREFECT_API_URL to export and the run command, then waits. Ctrl-C or SIGTERM stops the
+   directory. With `--simulate` it then turns every schedule off: the nightly full-size build stays
+   declared, for a server on a real endpoint, but a try-it server runs only what its user starts.
+4. prints the PREFECT_API_URL to export and the run commands (the `sample` deployments with
+   `--simulate`, named with this environment's `prefect`), then waits. Ctrl-C or SIGTERM stops the
    workers (and the flow runs they started), then the server.
 
 Runs get their endpoint from this command's OPENAI_BASE_URL / OPENAI_API_KEY, which the workers inherit.
@@ -43,18 +45,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from facets.flows.automations import HEARTBEAT_S, START_WITHIN_S, ZOMBIE_AFTER_S
+from facets.flows.commands import shell
 from facets.flows.commands.stopping import stop_processes
+from facets.simulator.server import SIMULATED_URL_ENV
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 # The line that says the stack is up; a parent process can wait for it (and read the URL from it).
 READY = "export PREFECT_API_URL="
-SIMULATOR_MODEL = "facets-sim"
+# The try-it deployments (prefect.yaml) on the bundled sample, in the order each needs the one before.
+SAMPLE_ORDER = ("build-collection/sample", "build-bench/sample", "evaluate/sample", "train/sample")
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 WORKER_LIMIT = 4  # a process worker otherwise takes every scheduled run it sees, the shards of the others too
 WORKER_POLL_S = 2  # Prefect's default 10 s between polls would leave a new shard run waiting that long
@@ -195,27 +199,6 @@ def check_database(url: str | None) -> None:
         raise StackError(f"{where} refused database {parts.database!r} for user {user!r}: {error}") from None
 
 
-def scratch_database(host: str = HOST, port: int = 5432, user: str = "postgres") -> tuple[str, Callable[[], None]]:
-    """A fresh database on a PostgreSQL server, for a throwaway Prefect server (tests, benches): its
-    SQLAlchemy URL and a function that drops it. OSError or asyncpg.PostgresError when unreachable."""
-    import uuid
-
-    import asyncpg
-
-    name = f"facets_scratch_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(database="postgres", timeout=10, host=host, port=port, user=user)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    return (f"postgresql+asyncpg://{user}@{host}:{port}/{name}",
-            lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
-
-
 def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -307,6 +290,7 @@ class LocalPrefect:
         self.workers: list[Child] = []
         self.simulator = None
         self.deployments: list[str] = []
+        self.paused: list[str] = []  # deployments whose schedules --simulate turned off
 
     @property
     def url(self) -> str:
@@ -329,6 +313,7 @@ class LocalPrefect:
         if self.simulator is not None:
             env["OPENAI_BASE_URL"] = self.simulator.base_url
             env["OPENAI_API_KEY"] = "simulator"
+            env[SIMULATED_URL_ENV] = self.simulator.base_url  # a release card built on it says so
         return env
 
     # -- lifecycle --
@@ -339,7 +324,7 @@ class LocalPrefect:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             if self.simulate:
-                from facets.llm.simulator import SimulatorProcess
+                from facets.simulator.server import SimulatorProcess
 
                 self.simulator = SimulatorProcess().start()
             self.server = Child("the Prefect server", [*_prefect_command(), "server", "start", "--host", HOST,
@@ -357,6 +342,8 @@ class LocalPrefect:
                     self.start_worker(pool, n)
             if self.deploy_all:
                 self._deploy()
+                if self.simulate:  # simulated text on a schedule would only fill the data dir
+                    self.paused = asyncio.run(self._pause_schedules())
                 self.deployments = asyncio.run(self._deployment_names())
             for child in [self.server, *self.workers]:
                 if not child.alive:
@@ -453,6 +440,19 @@ class LocalPrefect:
             raise StackError(f"`{shlex.join(command[2:])}` failed in {self.project_dir} "
                              f"(code {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
+    async def _pause_schedules(self) -> list[str]:
+        """Turns every schedule off (the server then deletes the runs it had scheduled); returns the
+        deployments that had one. A try-it server runs what its user starts, never the nightly build."""
+        paused = []
+        async with self._client() as client:
+            for deployment in await client.read_deployments():
+                schedules = [s for s in await client.read_deployment_schedules(deployment.id) if s.active]
+                for schedule in schedules:
+                    await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+                if schedules:
+                    paused.append(f"{(await client.read_flow(deployment.flow_id)).name}/{deployment.name}")
+        return sorted(paused)
+
     async def _deployment_names(self) -> list[str]:
         async with self._client() as client:
             deployments = await client.read_deployments()
@@ -462,7 +462,8 @@ class LocalPrefect:
     # -- what the user reads --
 
     def instructions(self) -> str:
-        database = _hide_password(self.database_url) if self.database_url else "Prefect's SQLite (under PREFECT_HOME)"
+        database = (_hide_password(self.database_url) if self.database_url else
+                    f"Prefect's SQLite in {self.base_env.get('PREFECT_HOME') or '~/.prefect'}")
         endpoint = (f"the loopback simulator at {self.simulator.base_url} (simulated text)" if self.simulator
                     else self.base_env.get("OPENAI_BASE_URL") or "OPENAI_BASE_URL unset: the OpenAI API")
         lines = [
@@ -474,17 +475,18 @@ class LocalPrefect:
         ]
         if self.deployments:
             lines.append(f"deployments: {', '.join(self.deployments)}")
+        if self.paused:
+            lines.append(f"  schedules off (simulated endpoint): {', '.join(self.paused)} runs only when started")
         lines += ["", "In another shell:", f"  {READY}{self.api_url}"]
-        build = next((d for d in self.deployments if d.startswith("build-collection/")), None)
-        if build:
-            sample = {"sources": ["nectar=tests/data/sources/nectar/data.jsonl"], "limit": 5, "shard_size": 8,
-                      "data_dir": "data/try"}
-            if self.simulator:
-                sample["endpoint"] = {"model": SIMULATOR_MODEL}
-            lines += [
-                f"  prefect deployment run {build}                # the scheduled rebuild, its default parameters",
-                f"  prefect deployment run {build} --params {shlex.quote(json.dumps({'config': sample}))}",
-                "                                                  # a small try on the bundled test sample",
-            ]
+        prefect = shell.command("prefect")
+        samples = [d for d in SAMPLE_ORDER if d in self.deployments]
+        if self.simulator and samples:
+            lines += [f"  {prefect} deployment run {d} --watch" for d in samples]
+            lines.append(f"        # in this order: the bundled sample through each flow, into {self.project_dir}/data/sample")
+        build = next((d for d in self.deployments if d.startswith("build-collection/") and d not in samples), None)
+        if build and not self.simulator:
+            lines.append(f"  {prefect} deployment run {build}    # the full-size rebuild (nightly), with its parameters")
+            if samples:
+                lines.append(f"  {prefect} deployment run {samples[0]} --watch    # a small try on the bundled sample")
         lines += ["", "Ctrl-C stops the workers and the server."]
         return "\n".join(lines)

@@ -13,7 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
-from facets.llm.simulator import LISTENING, Simulator, SimulatorConfig
+from facets.simulator.server import LISTENING, Simulator, SimulatorConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,8 @@ import asyncio
 import os
 import sys
 
-from facets.tasks.plan import STAGES
+from facets.schemas.stages import BENCH_RUBRICS, BENCH_STAGES, STAGE_NAMES as STAGES
 
-BENCH_RUBRICS = "bench_rubrics"  # the bench's own stage (tasks/bench_rubrics.py)
-# The stages `facets bench` runs (flows/evaluate.py); importing that module here would import Prefect.
-BENCH_STAGES = ("preference_trees", "preference_sets", "system_messages", "responses", BENCH_RUBRICS)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_prefect()
-    from facets.storage import Store
+    from facets.storage import Catalog, Store
 
     store = Store(args.data_dir)
     missing = missing_data_dir(store)
@@ -34,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.shards or args.build:
         return shard_runs(store, args.build)
-    with store.catalog() as catalog:
+    with Catalog(store) as catalog:
         add_bench_rubrics_view(catalog)
         print_collection(catalog, args.data_dir)
         print_bench(catalog)
@@ -134,7 +131,7 @@ async def print_shard_runs(store, build: str | None) -> int:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from facets.flows.dispatch import summary_parts
+    from facets.pipeline.dispatch import summary_parts
     from facets.schemas.shards import ShardSummary
 
     async with get_client() as client:
@@ -172,6 +169,6 @@ def stages_done(store, build: str) -> dict[str, int]:
     """Per shard run, how many of its stages have ended: the reports it left (one listing)."""
     from collections import Counter
 
-    from facets.flows.dispatch import progress_parts
+    from facets.pipeline.dispatch import progress_parts
 
     return Counter(name.split(".", 1)[0] for name in store.names(*progress_parts(build)))

@@ -14,6 +14,7 @@ reported its end; then the command leaves without Prefect's exit handlers (`exit
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import contextlib
 import logging
 import os
@@ -184,7 +185,9 @@ class _Runner:
 
     def __init__(self, main: Coroutine[Any, Any, Any]):
         self.main = main
-        self.thread = threading.Thread(target=self._work, name="facets-flow", daemon=True)
+        # the thread runs in a copy of the caller's context: a progress listener set there (pipeline/report.py) is seen
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,), name="facets-flow",
+                                       daemon=True)
         self.ended = threading.Event()
         self.lock = threading.RLock()  # reentrant: a signal handler may interrupt the main thread holding it
         self.loop: asyncio.AbstractEventLoop | None = None

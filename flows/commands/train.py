@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--release", help="a release folder, or a data dir / releases/ folder whose LATEST names one")
     add("--method", choices=["sft", "dpo", "orpo"])
-    add("--base-model", help="hub id or local folder (DPO: the SFT checkpoint trained on `small`)")
+    add("--base-model", help="hub id or local folder (default: Mistral-7B-v0.2; DPO has no default: the SFT "
+                             "model trained on `small`)")
     add("--output", dest="output_dir", help="where checkpoints, the model, metrics and the loss curve go")
     add("--config", type=Path, help="a TrainConfig as JSON or YAML; flags override it")
     add("--epochs", type=float)
@@ -91,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInputError as error:
         return fail(str(error))
     except OSError as error:  # transformers' word for a model it cannot load (hub unreachable, files missing)
-        return fail(f"{_first_line(error)} (base model: {config.base_model})")
+        return fail(f"{_first_line(error)} (base model: {config.resolved().base_model})")
     lengths = result["lengths"]
+    if result.get("already_trained"):
+        print(f"{result['method']} already trained in {result['output_dir']}: {result['steps']} steps, final loss "
+              f"{result['final_loss']}; nothing to do (a larger --max-steps goes on, --no-resume starts over)")
+        return 0
     print(f"{result['method']} done: {result['steps']} steps, final loss {result['final_loss']}, "
           f"{result['tokens_per_second']:.0f} tokens/s; {lengths['kept']} rows trained, "
           f"{lengths['too_long']} longer than {lengths['max_length']} tokens left out")
