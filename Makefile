@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The training extra takes any torch 2.x; CPU machines install this build first (a GPU machine keeps its own).
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-all venv clean
+.PHONY: run test test-all venv clean screenshots
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# docs/images/*.png of docs/ui.md: a simulated server, its sample deployments, headless Chromium on the UI
+screenshots: $(STAMP)
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

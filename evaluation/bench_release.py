@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -143,11 +142,7 @@ def publish_bench(store: Store, rows: list[BenchRow], extra: dict | None = None)
             os.rmdir(store.path(".staging"))
         except OSError:
             pass
-    latest = store.path("releases", LATEST_BENCH)
-    temporary = f"{latest}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(f"{version}\n")
-    os.replace(temporary, latest)
+    store.write_text(f"{version}\n", "releases", LATEST_BENCH)
     return BenchRelease(version, target, len(rows), is_new)
 
 

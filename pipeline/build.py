@@ -40,7 +40,7 @@ async def run_build(config: BuildConfig, logger) -> dict:
         await check_deployment(config.train.deployment, "train_after")
     if config.shard_deployment:
         await check_deployment(config.shard_deployment, "shard_deployment")
-    pool = Pool(store, config.seed)
+    pool = Pool(store, config.seed, config.quotas)
     if not len(pool):
         raise ValueError(f"no instructions in {config.data_dir}: pass sources (NAME=PATH) to ingest some first")
     wanted = min(config.limit or len(pool), len(pool))

@@ -5,6 +5,9 @@ are there, nothing is asked again (a no-op rebuild makes no call), and instructi
 are retried only when the build needs more rows than it has."""
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
+
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
@@ -18,12 +21,22 @@ STAGE = "instructions"
 
 
 class Pool:
-    """Instruction ids in draw order; texts are read only for the ids drawn, so memory holds ids, not texts."""
+    """Instruction ids in draw order; texts are read only for the ids drawn, so memory holds ids, not texts.
 
-    def __init__(self, store: Store, seed: int):
+    With `quotas` (a build's source mix, `BuildConfig.quotas`), the order comes in three tiers, each in seeded
+    order: the first N ids of every group with a quota of N; then the ids of the groups whose count is unknown
+    (or not named), which fill what the limit leaves; then the rest of the quota groups, drawn only to replace
+    instructions that failed. A group is a source (`nectar`) or one original source of it
+    (`nectar/anthropic-hh`); an id belongs to the most specific group named."""
+
+    def __init__(self, store: Store, seed: int, quotas: Mapping[str, int | None] | None = None):
         self.store = store
-        ids = store.read(STAGE, columns=["id"]).column("id").to_pylist()
-        self.order = sorted(set(ids), key=lambda iid: (seeded_rank(iid, seed), iid))
+        columns = ["id", "main_source", "original_source"] if quotas else ["id"]
+        table = store.read(STAGE, columns=columns)
+        ids = table.column("id").to_pylist()
+        order = sorted(set(ids), key=lambda iid: (seeded_rank(iid, seed), iid))
+        self.tiers = _quota_tiers(order, table, quotas) if quotas else [order]
+        self.order = [iid for tier in self.tiers for iid in tier]
         self.cursor = 0
 
     def __len__(self) -> int:
@@ -34,10 +47,12 @@ class Pool:
         return len(self.order) - self.cursor
 
     def prefer(self, complete: set[str]) -> int:
-        """Puts these ids first, each group keeping its seeded order; returns how many were in the pool."""
-        first = [iid for iid in self.order if iid in complete]
-        self.order = first + [iid for iid in self.order if iid not in complete]
-        return len(first)
+        """Puts these ids first within their tier, each group keeping its seeded order (so a source mix holds
+        on a rebuild); returns how many were in the pool."""
+        self.tiers = [[iid for iid in tier if iid in complete] + [iid for iid in tier if iid not in complete]
+                      for tier in self.tiers]
+        self.order = [iid for tier in self.tiers for iid in tier]
+        return sum(iid in complete for iid in self.order)
 
     def draw(self, count: int) -> list[Instruction]:
         chosen = self.order[self.cursor : self.cursor + count]
@@ -46,6 +61,29 @@ class Pool:
 
     def load(self, ids: list[str]) -> list[Instruction]:
         return load_instructions(self.store, ids)
+
+
+def _quota_tiers(order: list[str], table, quotas: Mapping[str, int | None]) -> list[list[str]]:
+    from facets.ingest.sources import MAIN_SOURCES
+
+    names = {main: name for name, main in MAIN_SOURCES.items()}
+    sources = dict(zip(table.column("id").to_pylist(),
+                       zip(table.column("main_source").to_pylist(), table.column("original_source").to_pylist())))
+    taken: Counter[str] = Counter()
+    first, fill, reserve = [], [], []
+    for iid in order:
+        main, original = sources[iid]
+        name = names.get(main, main)
+        group = next((g for g in (f"{name}/{original or '-'}", name) if g in quotas), None)
+        quota = quotas.get(group) if group is not None else None
+        if quota is None:
+            fill.append(iid)
+        elif taken[group] < quota:
+            taken[group] += 1
+            first.append(iid)
+        else:
+            reserve.append(iid)
+    return [first, fill, reserve]
 
 
 def load_instructions(store: Store, ids: list[str], buckets: tuple[int, int] | None = None) -> list[Instruction]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from facets.release.fidelity import differences, unknowns
 from facets.release.sunburst import Node
 
 PAPER = ('Lee et al., "Aligning to Thousands of Preferences via System Message Generalization", '
@@ -120,12 +121,53 @@ def front_matter(splits: Mapping[str, Mapping[str, int]], rows: int) -> dict:
     return {
         "pretty_name": "Multifaceted Collection (rebuilt)",
         "language": ["en"],
-        "license": "other",
+        "license": "cc-by-4.0",  # the published collection's; the card's "Licence" section says what else applies
         "task_categories": ["text-generation"],
         "tags": ["preference", "system-message", "alignment", "dpo", "orpo", "reward-modeling", "synthetic"],
         "size_categories": [_size_category(rows)],
         "configs": configs,
     }
+
+
+# The instruction sources' own terms, as their cards state them (checked where a card could be read).
+SOURCE_TERMS = {
+    "Nectar": "apache-2.0 on its current card, on the condition that it is not used to compete with OpenAI "
+              "(earlier revisions: cc-by-nc-4.0)",
+    "OpenHermesPreferences": "`other` on its card: read the card's licence notes",
+    "ultrafeedback_binarized_cleaned": "mit",
+    "chatbot_arena_conversations": "not confirmed here; its card is believed to give user prompts under cc-by-4.0 "
+                                   "and model outputs under cc-by-nc-4.0",
+    "domain_specific_preference": "cc-by-nc-4.0 (the DATA_LICENSE file of its repository)",
+}
+
+
+def licence_section(facts: "CardFacts") -> list[str]:
+    """What applies to what: the collection's licence, the generated text, and each source's instructions."""
+    models = ", ".join(sorted(set(facts.models.values()))) or "the configured models"
+    out = ["## Licence", "",
+           "The published Multifaceted Collection is released under CC BY 4.0, and this card says the same of this "
+           "rebuild's layout and selection. The generated text (preference trees, system messages, responses) was "
+           f"written by {models}: the terms of that model's provider apply to it as well. The instructions keep "
+           "the terms of the dataset each came from:", ""]
+    out += [_table(["main_source", "terms of the source"],
+                   [(source, SOURCE_TERMS.get(source, "a source of your own: its own terms")) for source, _, _ in
+                    facts.sources]), ""]
+    return out
+
+
+def fidelity_section(config: dict[str, Any]) -> list[str]:
+    """The settings of this build that differ from the paper's, both values side by side."""
+    if not config:
+        return []
+    out = ["## Fidelity", ""]
+    rows = differences(config)
+    if rows:
+        out += ["Settings of this build that differ from the paper's (`--profile paper` builds with the paper's):", ""]
+        out += [_table(["setting", "this build", "the paper"], rows), ""]
+    else:
+        out += ["This build used every setting of the paper that is known.", ""]
+    out += [f"- {note}" for note in unknowns(config)] + [""]
+    return out
 
 
 def render_card(facts: CardFacts) -> str:
@@ -191,6 +233,9 @@ def render_card(facts: CardFacts) -> str:
         out += [_table(["stage", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in facts.failures]), ""]
     else:
         out += ["None recorded.", ""]
+
+    out += fidelity_section(facts.config)
+    out += licence_section(facts)
 
     out += ["## Models and prompts", ""]
     stages = list(dict.fromkeys([*facts.models, *facts.prompt_versions]))

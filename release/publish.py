@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from datetime import datetime, timezone
 
 import duckdb
@@ -337,13 +336,6 @@ def data_file(subset: str, split: str) -> str:
     return f"{subset}/{split}-00000-of-00001.parquet"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
-
-
 # -- publishing ---------------------------------------------------------------------------------------
 def _location(store: Store, path: str) -> str:
     return path if store.is_local else store.fs.unstrip_protocol(path)
@@ -355,12 +347,7 @@ def _read_latest(store: Store) -> str | None:
 
 
 def _write_latest(store: Store, version: str) -> None:
-    path = store.path("releases", LATEST)
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_atomic(path, f"{version}\n".encode())
-    else:
-        store.fs.pipe_file(path, f"{version}\n".encode())
+    store.write_text(f"{version}\n", "releases", LATEST)
 
 
 def _current_release(store: Store, selection: str) -> tuple[str, dict] | None:

@@ -188,7 +188,7 @@ def sunburst_png(nodes: list[Node], title: str, top: int = PNG_SUBDIMENSIONS) ->
         ax.set_aspect("equal")
         ax.axis("off")
         total = dimension.value or 1
-        ax.text(0, 0, f"{dimension.label}\n{dimension.value:,}", ha="center", va="center", fontsize=12, weight="bold")
+        ax.text(0, 0, f"{dimension.label.replace(' ', chr(10))}\n{dimension.value:,}", ha="center", va="center", fontsize=12, weight="bold")
         start, listing = 90.0, []
         for sub, count in _panel_subdimensions(dimension, children, top):
             sweep = 360.0 * count / total

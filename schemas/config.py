@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from facets.schemas.stages import LLM_STAGES, STAGES
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+QUOTA_GROUP = re.compile(r"^[\w.-]+(/[^/]+)?$")
 # 2 MiB: a 4096-token reply is about 16 KiB of text, a hundred times over even with n > 1 and JSON escapes
 DEFAULT_MAX_REPLY_BYTES = 2 * 1024 * 1024
 
@@ -169,6 +171,16 @@ class BuildConfig(Config):
     seed: int = 0
     shard_size: int = Field(256, gt=0, description="instructions per shard, roughly (shards are bucket ranges)")
     sets_per_instruction: int = Field(3, ge=2, le=8)
+    quotas: dict[str, int | None] = Field(
+        default_factory=dict,
+        description="the source mix: instructions per source (`nectar`) or per original source of one "
+                    "(`nectar/anthropic-hh`, `openhermes/-` for rows with none); null = count unknown, drawn "
+                    "after the known ones to fill `limit` (pipeline/selection.py)")
+    system_message_from: Literal["preferences", "descriptions"] = Field(
+        "preferences", description="what the system-message prompt shows of each preference: all of it "
+                                   "(dimension, subdimension, keyword, description) or only its description, "
+                                   "as the published collection's card says")
+    profile: str | None = Field(None, description="the named profile this config started from (`--profile`)")
     max_concurrent_shards: int = Field(8, gt=0)
     max_tree_shards: int = Field(1, gt=0, description="shards making preference trees at once; the others go on "
                                                      "with later stages, so token-heavy and request-heavy calls mix")
@@ -194,12 +206,27 @@ class BuildConfig(Config):
     train_after: bool = Field(False, description="start the `train` deployment on a new release (see `train`)")
     train: TrainAfter = Field(default_factory=TrainAfter)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_profile(cls, data: Any) -> Any:
+        """A config naming a profile starts from the profile's file (schemas/profiles/)."""
+        if isinstance(data, dict) and data.get("profile"):
+            from facets.schemas.profiles import load_profile, merged
+
+            return merged(load_profile(data["profile"]), data)
+        return data
+
     @model_validator(mode="after")
     def _every_stage(self) -> "BuildConfig":
         if self.shard_deployment is not None and "/" not in self.shard_deployment:
             raise ValueError(f"shard_deployment must be FLOW/DEPLOYMENT, not {self.shard_deployment!r}")
         defaults = _default_stages()
         self.stages = {name: self.stages.get(name, defaults[name]) for name in LLM_STAGES}
+        for group, count in self.quotas.items():
+            if not QUOTA_GROUP.match(group):
+                raise ValueError(f"quotas: {group!r} is not SOURCE or SOURCE/ORIGINAL_SOURCE")
+            if count is not None and count < 0:
+                raise ValueError(f"quotas: {group} must be >= 0 or null (unknown), not {count}")
         return self
 
     def model_of(self, stage: str) -> str:

@@ -26,6 +26,8 @@ class Stage:
     rows: RowsPerInstruction
     max_tokens: int | None = None        # an LLM stage's default max_tokens (decision 9); None: no LLM call
     chosen_by: tuple[str, ...] = ()      # a stage without a call: the build settings its seeded choice depends on
+    typical_tokens: int = 0              # a typical reply's length in the published collection (for estimates)
+    prompt_settings: tuple[str, ...] = ()  # build settings that change its prompt (besides template, model, sampling)
 
     @property
     def calls_llm(self) -> bool:
@@ -37,12 +39,15 @@ class Stage:
         return self.name if self.calls_llm else None
 
 
+# Typical replies: trees as JSON with three or more branches per dimension; system messages ~1,000
+# characters; gold responses ~2,300 characters.
 STAGES: tuple[Stage, ...] = (
-    Stage("preference_trees", PreferenceTree, reads=None, rows="one", max_tokens=2048),
+    Stage("preference_trees", PreferenceTree, reads=None, rows="one", max_tokens=2048, typical_tokens=1400),
     Stage("preference_sets", PreferenceSet, reads="preference_trees", rows="per_set",
           chosen_by=("seed", "sets_per_instruction")),
-    Stage("system_messages", SystemMessage, reads="preference_sets", rows="per_set", max_tokens=2048),
-    Stage("responses", GoldResponse, reads="system_messages", rows="per_set", max_tokens=4096),
+    Stage("system_messages", SystemMessage, reads="preference_sets", rows="per_set", max_tokens=2048,
+          typical_tokens=250, prompt_settings=("system_message_from",)),
+    Stage("responses", GoldResponse, reads="system_messages", rows="per_set", max_tokens=4096, typical_tokens=600),
     Stage("pairs", Pair, reads="responses", rows="pair", chosen_by=("seed",)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)

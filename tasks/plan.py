@@ -41,7 +41,8 @@ class StagePlan:
         def part(stage: Stage) -> tuple:
             if stage.calls_llm:
                 sampling = config.stages[stage.name].sampling.request_fields()
-                return (templates[stage.template].version, config.model_of(stage.name), sampling)
+                return (templates[stage.template].version, config.model_of(stage.name), sampling,
+                        *_changed(config, stage.prompt_settings))
             return (*(settings[name] for name in stage.chosen_by), SELECTION_VERSION)
 
         return cls(tuple(part(stage) for stage in STAGES))
@@ -52,6 +53,13 @@ class StagePlan:
             previous = fingerprint(stage.name, previous, *part)
             chain.append(previous)
         return Fingerprints(*chain)
+
+
+def _changed(config: BuildConfig, names: tuple[str, ...]) -> tuple:
+    """The prompt settings set away from their default: only these enter a fingerprint, so the rows of builds
+    made before a setting existed keep theirs."""
+    fields = type(config).model_fields
+    return tuple(f"{name}={getattr(config, name)}" for name in names if getattr(config, name) != fields[name].default)
 
 
 def seeded_rank(instruction_id: str, seed: int) -> int:

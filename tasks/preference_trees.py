@@ -7,6 +7,8 @@ from pathlib import Path
 from facets.schemas import PreferenceTree, PreferenceTreeBody
 from facets.pipeline.context import BuildContext, Key, Request
 from facets.pipeline.shard import Shard
+from facets.llm.dialects import json_schema_format
+from facets.tasks.templates import Template
 
 STAGE = "preference_trees"
 SEEDS = Path(__file__).parent / "seed_preferences.json"
@@ -35,3 +37,9 @@ async def run(ctx: BuildContext, shard: Shard) -> None:
             instruction_id=iid, fingerprint=fp, model=model, dimensions=body.dimensions))
 
     await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+
+
+def typical_prompt(template: Template, instruction: str) -> tuple[list[dict], int]:
+    """A call's messages for a typical instruction, and the characters its response format adds (estimates)."""
+    return (template.messages(seeds=seeds_text(), instruction=instruction),
+            len(str(json_schema_format(PreferenceTreeBody))))

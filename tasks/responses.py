@@ -4,6 +4,8 @@ from __future__ import annotations
 from facets.schemas import GoldResponse
 from facets.pipeline.context import BuildContext, Key, Request
 from facets.pipeline.shard import Shard
+from facets.schemas.stages import BY_NAME
+from facets.tasks.templates import Template
 
 STAGE = "responses"
 
@@ -26,3 +28,9 @@ async def run(ctx: BuildContext, shard: Shard) -> None:
             prompt_version=template.version))
 
     await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+
+
+def typical_prompt(template: Template, instruction: str) -> tuple[list[dict], int]:
+    """A call's messages for a typical instruction under a typical system message (estimates)."""
+    system = "y" * (BY_NAME["system_messages"].typical_tokens * 4)
+    return template.messages(system_message=system, instruction=instruction), 0

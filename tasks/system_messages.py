@@ -11,6 +11,7 @@ import re
 from facets.schemas import PreferenceSet, SystemMessage, normalise_text
 from facets.pipeline.context import BuildContext, Key, Request
 from facets.pipeline.shard import Shard
+from facets.tasks.templates import Template
 
 STAGE = "system_messages"
 MIN_CHARS, MAX_CHARS = 300, 2500
@@ -37,7 +38,11 @@ def check_system_message(text: str, instruction: str) -> None:
         raise ValueError("restates the instruction: describe the assistant, do not repeat the task")
 
 
-def describe(preference_set: PreferenceSet) -> str:
+def describe(preference_set: PreferenceSet, shown: str = "preferences") -> str:
+    """The set as the prompt shows it: each preference whole, or (`descriptions`, as the published collection's
+    card says it was made) only its description."""
+    if shown == "descriptions":
+        return "\n".join(f"- {p.description}" for p in preference_set.preferences)
     return "\n".join(
         f'- {p.dimension} ({p.subdimension}): "{p.preference}". {p.description}' for p in preference_set.preferences
     )
@@ -49,10 +54,16 @@ async def run(ctx: BuildContext, shard: Shard) -> None:
     def request(key: Key) -> Request:
         iid, k = key
         instruction = shard.instructions[iid].text
-        messages = template.messages(preferences=describe(shard.rows["preference_sets"][key]), instruction=instruction)
+        preferences = describe(shard.rows["preference_sets"][key], ctx.config.system_message_from)
+        messages = template.messages(preferences=preferences, instruction=instruction)
         call = ctx.prepare(STAGE, messages, check=lambda text: check_system_message(text, instruction))
         return Request(key, call, lambda text: SystemMessage(
             instruction_id=iid, fingerprint=shard.plans[iid].system_messages, set_index=k, text=text, model=model,
             prompt_version=template.version))
 
     await ctx.fill(STAGE, shard, lambda todo: ctx.ask(STAGE, shard, [request(k) for k in todo]))
+
+
+def typical_prompt(template: Template, instruction: str) -> tuple[list[dict], int]:
+    """A call's messages for a typical instruction and preference set (estimates)."""
+    return template.messages(preferences="z" * 800, instruction=instruction), 0

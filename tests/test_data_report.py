@@ -136,18 +136,45 @@ def test_facets_report_writes_the_report_and_subsets(release, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_facets_report_publishes_artifacts(release, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
+def test_facets_report_publishes_artifacts(release, tmp_path, prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
 
     from facets.flows.cli import main
 
-    with prefect_test_harness(server_startup_timeout=120):
-        assert main(["report", str(release)]) == 0
-        from prefect.client.orchestration import get_client
-        import asyncio
+    assert main(["report", str(release)]) == 0
 
-        async def keys():
-            async with get_client() as client:
-                return {a.key for a in await client.read_artifacts()}
+    async def keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
 
-        assert {"data-report", "data-report-rouge"} <= asyncio.run(keys())
+    assert {"data-report", "data-report-rouge"} <= asyncio.run(keys())
+
+
+def test_the_sunburst_png_gives_each_dimension_its_top_subdimensions(tmp_path):
+    """A long tail of rare subdimensions (as real builds have) must not leave the picture unlabelled."""
+    import duckdb
+    import pyarrow as pa
+
+    from facets.release.sunburst import OTHER, _panel_subdimensions, sunburst_nodes, sunburst_png
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(400):
+        rows.append({"preference_set": [
+            {"dimension": d, "subdimension": SUBS[d][i % 4] if i % 2 else f"rare {d} {rng.randint(0, 300)}",
+             "preference": f"p{i % 5}", "description": "x"} for d in DIMENSIONS]})
+    con = duckdb.connect()
+    con.register("sets", pa.Table.from_pylist(rows))
+    nodes = sunburst_nodes(con, "sets")
+    children: dict = {}
+    for node in nodes:
+        children.setdefault(node.parent, []).append(node)
+    style = next(n for n in children[""] if n.dimension == "style")
+    panel = _panel_subdimensions(style, children, top=3)
+    # odd rows carry "Clarity " and "format" (200 each); even rows 200 rare ones, one or two apiece
+    assert {n.label for n, _ in panel[:2]} == {"Clarity ", "format"} and panel[-1][0] is None
+    assert sum(count for _, count in panel) == style.value == 400
+    assert all(n.label != OTHER for n, _ in panel[:-1])
+    assert sunburst_png(nodes, "t")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,7 +47,8 @@ def test_prefect_yaml_is_what_prefect_deploy_reads():
     model = PrefectYamlModel.model_validate(raw)  # the model `prefect deploy` validates the file with
     assert raw["build"] is None and raw["push"] is None, "no build/push steps: no prompts, no images"
     names = [d.name for d in model.deployments]
-    assert len(names) == len(set(names))
+    flow_and_name = [(d.entrypoint, d.name) for d in model.deployments]
+    assert len(flow_and_name) == len(set(flow_and_name)), "a deployment is named once per flow"
     build = next(d for d in model.deployments if d.name == "incremental")
     assert build.work_pool.name == "cpu"
     assert build.concurrency_limit == 1
@@ -64,7 +65,7 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
 
     for spec in prefect_yaml()["deployments"]:
         flow = load_flow_from_entrypoint(spec["entrypoint"])
-        assert flow.name in {"build-collection", "build-shard", "train", "evaluate"}
+        assert flow.name in {"build-collection", "build-shard", "build-bench", "train", "evaluate"}
         if flow.name != "build-shard":  # its build passes all its parameters
             flow.validate_parameters(spec.get("parameters") or {})
     build = deployment()
@@ -81,10 +82,37 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
     assert shard["work_pool"]["name"] == "cpu" and not shard.get("schedules") and not shard.get("parameters")
 
 
+def test_try_it_deployments_read_only_the_bundled_sample_and_stay_small():
+    """`<flow>/sample`: what `facets server --simulate` prints; every path is in the checkout, nothing is
+    streamed from a hub, nothing is scheduled, and the train run needs no GPU and no download."""
+    from facets.schemas.evaluation import BenchConfig, EvalConfig
+    from facets.schemas.training import TrainConfig
+
+    samples = {spec["entrypoint"].rsplit(":", 1)[1]: spec for spec in prefect_yaml()["deployments"]
+               if spec["name"] == "sample"}
+    assert set(samples) == {"build_collection", "build_bench", "evaluate", "train"}
+    assert [f"{e.replace('_', '-')}/sample" for e in ("build_collection", "build_bench", "evaluate", "train")] == \
+        list(server.SAMPLE_ORDER)
+    for spec in samples.values():
+        assert not spec.get("schedules") and spec["work_pool"]["name"] == "cpu"
+    build = BuildConfig.model_validate(samples["build_collection"]["parameters"]["config"])
+    bench = BenchConfig.model_validate(samples["build_bench"]["parameters"]["config"])
+    for source in [*build.sources, *bench.sources]:
+        assert "=" in source and (ROOT / source.split("=", 1)[1]).is_file(), source
+    assert build.limit and build.limit <= 50 and build.shard_deployment is None
+    assert build.data_dir == bench.data_dir == "data/sample"
+    evaluation = EvalConfig.model_validate(samples["evaluate"]["parameters"]["config"])
+    assert evaluation.bench == evaluation.data_dir == "data/sample" and evaluation.judge.runs == 1
+    train = TrainConfig.model_validate(samples["train"]["parameters"]["config"])
+    assert train.device == "cpu" and 0 < train.max_steps <= 5 and train.release == "data/sample"
+    assert (ROOT / train.base_model / "model.safetensors").is_file()
+
+
 def test_train_deployments_run_on_the_gpu_pool_and_cover_the_three_methods():
     from facets.schemas.training import TrainConfig
 
-    trains = {spec["name"]: spec for spec in prefect_yaml()["deployments"] if spec["entrypoint"].endswith(":train")}
+    trains = {spec["name"]: spec for spec in prefect_yaml()["deployments"]
+              if spec["entrypoint"].endswith(":train") and spec["name"] != "sample"}
     assert set(trains) == {"sft", "dpo", "orpo"}
     for name, spec in trains.items():
         assert spec["work_pool"]["name"] == "gpu"
@@ -281,7 +309,7 @@ def test_prefect_deployment_run_completes_on_a_local_server_and_worker(tmp_path,
         try:
             api_url = output.wait_for(server.READY, timeout_s=300)
             ready_s = time.monotonic() - started
-            assert "deployments: build-collection/incremental" in output.tail()
+            assert re.search(r"^deployments: .*build-collection/incremental", output.tail(), re.M)
             config = {"sources": [f"nectar={NECTAR}"], "limit": 5, "seed": 1, "shard_size": 4,
                       "data_dir": str(data_dir), "endpoint": {"model": "facets-sim"}, "publish": True}
             user_env = {**env, "PREFECT_API_URL": api_url}

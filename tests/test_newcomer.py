@@ -1,11 +1,13 @@
 """Small command-line courtesies: a progress bar that never goes back, readable estimates, --version,
 help descriptions, and an outcome line that counts the failure rows kept from earlier runs."""
 import asyncio
+import json
 import os
 import re
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -102,3 +104,41 @@ def test_the_outcome_line_counts_failure_rows_kept_from_earlier_runs(tmp_path, c
     _print_outcome({"accepted": 5, "wanted": 5, "failures": {}}, BuildConfig(data_dir=str(tmp_path)))
     line = capsys.readouterr().out.strip()
     assert line == f"accepted 5 of 5 instructions; failures: 0 this run (3 kept in {tmp_path}/failures)"
+
+
+# -- a whole build as a newcomer runs it ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_simulated_build_takes_the_readme_config_and_prints_next_steps_that_run_as_printed(tmp_path):
+    """Without a key the build runs on the simulator even with the README's config (its max_cost and
+    per-stage models); the commands it ends with run from a shell whose PATH lacks the virtualenv; and
+    Prefect's state lands in the data dir, never in ~/.prefect."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    config = json.loads(re.search(r"```json\n(.*?)```", readme, re.S)[1])
+    assert config["endpoint"]["max_cost"] and config["stages"]["responses"]["model"] != config["endpoint"]["model"]
+    config.update(limit=3, sources=[f"nectar={ROOT / 'tests/data/sources/nectar/data.jsonl'}"], shard_size=4)
+    (tmp_path / "build.json").write_text(json.dumps(config), encoding="utf-8")
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PREFECT_HOME", "PREFECT_API"))}
+    env.update(HOME=str(home), PATH=os.defpath)  # a shell where the virtualenv is not activated
+    done = subprocess.run([sys.executable, "-m", "facets.flows.cli", "build", "--config", str(tmp_path / "build.json"),
+                           "--data-dir", str(data), "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accepted 3 of 3 instructions" in done.stdout, done.stdout
+    steps = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in done.stdout.splitlines()
+             if line.strip().startswith(("open:", "query:"))}
+    assert set(steps) == {"open", "query"}, done.stdout
+    for name, command in steps.items():
+        ran = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, f"{name}: {command}\n{ran.stderr[-2000:]}"
+        assert ("DatasetDict" if name == "open" else "preference_set") in ran.stdout, ran.stdout[-2000:]
+    release = (data / "releases" / (data / "releases/LATEST").read_text().strip())
+    card = (release / "README.md").read_text(encoding="utf-8")
+    assert "Simulated text." in card and '"max_tokens": 4096' in card and "<redacted>" not in card
+    assert not (home / ".prefect").exists(), "Prefect kept its state in ~/.prefect"
+    assert (data / ".prefect").is_dir()

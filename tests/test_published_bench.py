@@ -312,15 +312,13 @@ def test_an_openai_model_gets_no_repetition_penalty(tmp_path):
 # --- end to end: evaluate on the published copy ---------------------------------------------------
 
 @pytest.mark.slow
-def test_evaluate_on_the_published_copy_shows_table_2_beside_the_models(published_copy, tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_evaluate_on_the_published_copy_shows_table_2_beside_the_models(published_copy, tmp_path, prefect_server):
     from facets.flows.evaluate import evaluate
     from facets.schemas.config import EndpointConfig, Retries
     from facets.simulator.server import run_simulator
 
     retries = Retries(timeout_s=5, backoff_initial_s=0.05, backoff_max_s=0.5, max_attempts=6)
-    with prefect_test_harness(server_startup_timeout=120), run_simulator(seed=3) as sim:
+    with run_simulator(seed=3) as sim:
         models = [ModelSpec(name="facets-sim", label="sim", base_url=sim.base_url, limits=RateLimits(rpm=60_000),
                             retries=retries),
                   ModelSpec(name="facets-sim", label="sim-bare", base_url=sim.base_url, system_message=False,

@@ -426,8 +426,12 @@ def test_facets_train_runs_the_flow_and_reports_bad_flags(prefect_server, data_d
     common = ["--release", str(data_dir), "--base-model", str(model_dir), "--output", str(tmp_path / "orpo")]
     assert main(["train", "--method", "orpo", *common, "--device", "cpu", "--max-steps", "1", "--precision", "fp32",
                  "--max-length", "512", "--batch-size", "2"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "orpo done: 1 steps" in out and str(tmp_path / "orpo") in out
+    shown = captured.out + captured.err
+    assert "memory plan: orpo" in shown and "per GPU" in shown, "the plan comes before the model is loaded"
+    assert shown.index("memory plan: orpo") < shown.index("step 1/1")
     summary = json.loads((tmp_path / "orpo" / SUMMARY_FILE).read_text())
     assert summary["config"]["learning_rate"] == 5e-6 and summary["config"]["beta"] == 0.1
 

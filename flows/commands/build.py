@@ -22,6 +22,7 @@ from facets.flows.commands.config_file import config_problem, read_config_file, 
 from facets.flows.commands.stopping import StopSignals, Stopped, quiet_prefect_logs, report_stop, start_shielded
 
 from facets.schemas.config import BuildConfig, RateLimits
+from facets.schemas.profiles import profile_names
 
 SIMULATOR_MODEL = "facets-sim"
 SIMULATOR_RPM = 3000  # the demo's simulated endpoint limit, unless --rpm says otherwise
@@ -30,6 +31,9 @@ SIMULATOR_RPM = 3000  # the demo's simulated endpoint limit, unless --rpm says o
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", type=Path, help="a BuildConfig as JSON (or YAML); the flags below override it")
+    add("--profile", choices=profile_names(),
+        help="start from a named profile: `paper` has the paper's models, sampling, sets and source mix "
+             "(schemas/profiles/paper.yaml); --config and the flags below override it")
     add("--source", action="append", dest="sources", metavar="NAME=PATH_OR_HUB_ID",
         help="instructions to ingest first (repeatable), as in `facets ingest`")
     add("--limit", type=int, help="accepted instructions wanted (default: every instruction in the data dir)")
@@ -66,6 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace) -> BuildConfig:
     data = read_config_file(args.config)
+    if args.profile:
+        data["profile"] = args.profile
     for name in ("sources", "limit", "seed", "data_dir", "shard_size", "sets_per_instruction",
                  "max_concurrent_shards", "max_tree_shards", "mode", "templates_dir", "publish", "push_to_hub", "train_after",
                  "shard_deployment", "wait_for_lock"):

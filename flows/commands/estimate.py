@@ -12,15 +12,12 @@ import sys
 from pydantic import ValidationError
 
 from facets.flows.commands.config_file import config_problem
-from facets.llm.gateway import json_schema_format
 from facets.llm.pricing import BATCH_DISCOUNT, PriceTable
 from facets.llm.tokens import TokenEstimator
-from facets.schemas import PreferenceTreeBody
 from facets.schemas.config import BuildConfig
+from facets.schemas.stages import STAGES
 
-# Typical lengths in tokens: an instruction, and the replies of each stage (trees as JSON with three or
-# more branches per dimension; system messages ~1,000 characters; gold responses ~2,300 characters).
-TYPICAL = {"instruction": 150, "preference_trees": 1400, "system_messages": 250, "responses": 600}
+INSTRUCTION_TOKENS = 150  # a typical instruction; each stage's typical reply is declared with it (schemas/stages.py)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,24 +31,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def estimate(config: BuildConfig) -> list[dict]:
-    from facets.tasks.stages import load_templates
-    from facets.tasks.preference_trees import seeds_text
+    from facets.tasks.stages import load_templates, module_of
 
     templates = load_templates(config)
-    instruction = "x" * int(TYPICAL["instruction"] * 4)
-    system = "y" * int(TYPICAL["system_messages"] * 4)
-    prompts = {
-        "preference_trees": (templates["preference_trees"].messages(seeds=seeds_text(), instruction=instruction),
-                             len(str(json_schema_format(PreferenceTreeBody)))),
-        "system_messages": (templates["system_messages"].messages(preferences="z" * 800, instruction=instruction), 0),
-        "responses": (templates["responses"].messages(system_message=system, instruction=instruction), 0),
-    }
+    instruction = "x" * (INSTRUCTION_TOKENS * 4)
     n, sets = config.limit or 0, config.sets_per_instruction
     rows = []
-    for stage, (messages, extra) in prompts.items():
-        calls = n if stage == "preference_trees" else n * sets
-        rows.append({"stage": stage, "calls": calls, "input_tokens": calls * TokenEstimator().estimate(messages, extra),
-                     "output_tokens": calls * TYPICAL[stage], "model": config.model_of(stage)})
+    for stage in STAGES:
+        if not stage.calls_llm:
+            continue
+        messages, extra_chars = module_of(stage).typical_prompt(templates[stage.name], instruction)
+        calls = n if stage.rows == "one" else n * sets
+        rows.append({"stage": stage.name, "calls": calls,
+                     "input_tokens": calls * TokenEstimator().estimate(messages, extra_chars),
+                     "output_tokens": calls * stage.typical_tokens, "model": config.model_of(stage.name)})
     return rows
 
 
@@ -100,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
     cost_text = "unknown (no price for the model)" if total_cost is None else f"${total_cost:,.2f}"
     print(f"total: {calls:,} calls, {tokens:,} tokens, {cost_text}; at least {duration(minutes)} at "
           f"{args.rpm:g} RPM" + (f" and {args.tpm:g} TPM" if args.tpm else "") + (" (batch: up to 24 h per batch)" if args.mode == "batch" else ""))
-    print(f"assumed per call: instruction ~{TYPICAL['instruction']} tokens; replies: tree ~{TYPICAL['preference_trees']}, "
-          f"system message ~{TYPICAL['system_messages']}, response ~{TYPICAL['responses']} tokens")
+    replies = ", ".join(f"{stage.name} ~{stage.typical_tokens}" for stage in STAGES if stage.calls_llm)
+    print(f"assumed per call: instruction ~{INSTRUCTION_TOKENS} tokens; replies: {replies} tokens")
     return 0

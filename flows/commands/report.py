@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from prefect import flow
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
@@ -53,15 +51,21 @@ def make_report(release: Path, seed: int, max_pairs: int, max_instructions: int)
                      + [{"pairs of": "system messages of one instruction", **vars(report.system_rouge)}]}
 
 
-@flow(name="data-report", log_prints=True, persist_result=False)
-async def data_report_flow(release: str, seed: int = 0, max_pairs: int = 2000, max_instructions: int = 1000) -> dict:
-    """A release's data report as files in its folder and as artifacts."""
+def data_report_flow():
+    """The `data-report` flow: the report as files in the release folder and as artifacts. Prefect is
+    imported here, not with the module: `--no-artifacts` runs without it."""
+    from prefect import flow
     from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
-    done = make_report(Path(release), seed, max_pairs, max_instructions)
-    await acreate_markdown_artifact(done["markdown"], key="data-report", description=f"data report of {Path(release).name}")
-    await acreate_table_artifact(done["rouge"], key="data-report-rouge", description="pairwise ROUGE-L")
-    return done
+    @flow(name="data-report", log_prints=True, persist_result=False)
+    async def data_report(release: str, seed: int = 0, max_pairs: int = 2000, max_instructions: int = 1000) -> dict:
+        done = make_report(Path(release), seed, max_pairs, max_instructions)
+        await acreate_markdown_artifact(done["markdown"], key="data-report",
+                                        description=f"data report of {Path(release).name}")
+        await acreate_table_artifact(done["rouge"], key="data-report-rouge", description="pairwise ROUGE-L")
+        return done
+
+    return data_report
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         counts = _counts(args.subsets) if args.subsets else ()
         if args.artifacts:
             prefect_environment()
-            done = run_flow(lambda _: data_report_flow(str(release), args.seed, args.max_pairs, args.max_instructions), None)
+            report_flow = data_report_flow()
+            done = run_flow(lambda _: report_flow(str(release), args.seed, args.max_pairs, args.max_instructions), None)
         else:
             done = make_report(release, args.seed, args.max_pairs, args.max_instructions)
         print(done["markdown"])
