@@ -43,8 +43,9 @@ def api(api_url: str, path: str, body: dict | None = None):
 
 def start_server(project: Path, port: int, log: Path) -> tuple[subprocess.Popen, str, list[str]]:
     """`facets server --simulate`; returns it, its API URL and the run commands it printed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PREFECT_API"))}
-    env.update(PREFECT_HOME=str(project / "data" / ".prefect"), PREFECT_WORKER_QUERY_SECONDS="1")
+    # Prefect's state then goes to the scratch project's data/.prefect (flows/cli.py)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PREFECT_API", "PREFECT_HOME"))}
+    env.update(PREFECT_WORKER_QUERY_SECONDS="1")
     out = open(log, "w+", encoding="utf-8")
     stack = subprocess.Popen([sys.executable, "-m", "facets.flows.cli", "server", "--simulate", "--port", str(port),
                               "--project-dir", str(project)], cwd=ROOT, env=env, stdout=out,

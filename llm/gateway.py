@@ -430,8 +430,7 @@ class Gateway:
         input_tokens = self.estimator.estimate(body["messages"], extra_chars)
         price = self.prices.get(model)
         worst_case = price.cost(input_tokens, max_tokens) if price else 0.0
-        output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
-        async with self._admitted(limiter, input_tokens, output_tokens, worst_case) as turn:
+        async with self._admitted(limiter, model, input_tokens, max_tokens, worst_case) as turn:
             self._stop_if_aborted()  # the run stopped while this call waited for its turn
             turn.send()
             started = time.perf_counter()
@@ -452,7 +451,7 @@ class Gateway:
         return reply, latency
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, limiter: Limiter, input_tokens: int, output_tokens: float,
+    async def _admitted(self, limiter: Limiter, model: str, input_tokens: int, max_tokens: int,
                         worst_case: float) -> AsyncIterator["_Turn"]:
         """A call's turn to go out: its place in the limiter's pace, its worst case held from the spend cap and
         an in-flight slot, taken in that order. Whatever ends the call (cancelled while waiting, the run
@@ -460,6 +459,8 @@ class Gateway:
         turn = _Turn(limiter, self.budget)
         try:
             async with self._slots.reserving.slot(self.priority):
+                # guessed once its turn to reserve comes: replies seen while it queued inform the guess
+                output_tokens = min(max_tokens, self._mean_output.get(model, max_tokens / 2))
                 turn.reservation, wait = limiter.reserve(input_tokens, output_tokens)
                 while wait > 0:  # its place may have moved while it slept: it looks again
                     await (_until_paid(limiter, turn.reservation, wait) if limiter.leased else _sleep_to_tick(wait))

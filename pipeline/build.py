@@ -13,12 +13,14 @@ from prefect import get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from facets.llm.usage import merge_usage
+from facets.pipeline.context import BuildContext
 from facets.pipeline.dispatch import JournalScope, ShardDispatch
 from facets.pipeline.open_context import open_context
 from facets.pipeline.publish import publish
 from facets.pipeline.report import BuildReport, Progress, progress_listeners, publish_artifacts
 from facets.pipeline.scheduler import OnWorkPool, build_shards
 from facets.pipeline.selection import Pool, complete_instructions, near_damage
+from facets.pipeline.shard import Shard
 from facets.schemas.config import BuildConfig
 from facets.storage import Store
 
@@ -52,19 +54,7 @@ async def run_build(config: BuildConfig, logger) -> dict:
     pool.prefer(complete)
     complete -= near_damage(store, complete)  # still drawn first; their shards look for rows a damaged file lost
     dispatch = ShardDispatch(ctx.config, store, build, scope) if scope else None  # the resolved endpoint
-    try:
-        if dispatch is not None:
-            await dispatch.open()
-        executor = OnWorkPool(ctx, dispatch) if dispatch is not None else None
-        shards = await build_shards(ctx, pool, wanted, progress, complete, executor)
-    except BaseException:
-        if dispatch is not None:
-            await dispatch.cancel_outstanding()
-        raise
-    finally:
-        await ctx.aclose()
-        if dispatch is not None:
-            await dispatch.close()
+    shards = await _shards_built(ctx, pool, wanted, progress, complete, dispatch)
     usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
     if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
         usage = merge_usage([usage, *dispatch.usage])
@@ -86,6 +76,25 @@ async def run_build(config: BuildConfig, logger) -> dict:
     await publish_artifacts(report)
     logger.info(report.text())
     return report.model_dump(mode="json")
+
+
+async def _shards_built(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress, complete: frozenset[str],
+                        dispatch: ShardDispatch | None) -> list[Shard]:
+    """The build's shards, run here or (with `dispatch`) on the shard deployment's pool; the context is closed
+    after them, and shard runs still out are cancelled when the build stops."""
+    try:
+        if dispatch is not None:
+            await dispatch.open()
+        executor = OnWorkPool(ctx, dispatch) if dispatch is not None else None
+        return await build_shards(ctx, pool, wanted, progress, complete, executor)
+    except BaseException:
+        if dispatch is not None:
+            await dispatch.cancel_outstanding()
+        raise
+    finally:
+        await ctx.aclose()
+        if dispatch is not None:
+            await dispatch.close()
 
 
 async def check_deployment(name: str, field: str) -> None:

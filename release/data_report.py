@@ -278,3 +278,11 @@ def write_report(release: str | Path, report: DataReport) -> dict[str, str]:
     files["coverage_png"].write_bytes(coverage_png(report))
     files["lengths_png"].write_bytes(lengths_png(report))
     return {name: str(path) for name, path in files.items()}
+
+
+def report_files(release: Path, seed: int, max_pairs: int, max_instructions: int) -> dict:
+    """The report written into `<release>/report/`: its files, its markdown and its ROUGE-L rows (for a table)."""
+    report = data_report(release, seed=seed, max_pairs=max_pairs, max_instructions=max_instructions)
+    return {"files": write_report(release, report), "markdown": report_markdown(report, pictures=False),
+            "rouge": [{"pairs of": f"descriptions: {d}", **vars(dist)} for d, dist in report.description_rouge.items()]
+                     + [{"pairs of": "system messages of one instruction", **vars(report.system_rouge)}]}

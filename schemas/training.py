@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["sft", "dpo", "orpo"]
+Method = Literal["sft", "dpo", "orpo", "rm"]
 BASE_MODEL = "mistral-community/Mistral-7B-v0.2"
 
 
@@ -21,6 +21,8 @@ class Recipe(BaseModel):
     global_batch_size: int
     packing: bool
     beta: float | None = None
+    warmup: float = 10  # optimiser steps, or below 1 a fraction of them
+    adam_beta2: float = 0.999
 
 
 RECIPES: dict[str, Recipe] = {
@@ -32,8 +34,16 @@ RECIPES: dict[str, Recipe] = {
     # ORPO: from the base model; the paper's orpo_alpha is TRL's `beta`
     "orpo": Recipe(subset="orpo", epochs=2, learning_rate=5e-6, max_length=4096, global_batch_size=16, packing=False,
                    beta=0.1),
+    # RM (OpenRLHF train_rm.py in the paper): Bradley-Terry loss, value head on the last token; 1 epoch per stage at
+    # 9e-6, 128 pairs per step, cosine with 3 % warmup, Adam betas (0.9, 0.95); from Janus trained 1 epoch on `sft`
+    "rm": Recipe(subset="rm", epochs=1, learning_rate=9e-6, max_length=2048, global_batch_size=128, packing=False,
+                 warmup=0.03, adam_beta2=0.95),
 }
-SUBSETS_OF: dict[str, tuple[str, ...]] = {"sft": ("sft", "small"), "dpo": ("dpo",), "orpo": ("orpo", "dpo")}
+SUBSETS_OF: dict[str, tuple[str, ...]] = {"sft": ("sft", "small"), "dpo": ("dpo",), "orpo": ("orpo", "dpo"),
+                                          "rm": ("rm",)}
+# stage 2 of the reward model: general helpfulness pairs, mixed 0.72 : 0.14 : 0.14, at most 66,000 (the paper's)
+GENERAL_PAIR_SHARES = {"hh-rlhf": 0.72, "oasst1": 0.14, "webgpt": 0.14}
+GENERAL_PAIRS_MAX = 66_000
 
 
 class TrainConfig(BaseModel):
@@ -53,7 +63,9 @@ class TrainConfig(BaseModel):
     epochs: float | None = Field(None, gt=0)
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run the epochs)")
     learning_rate: float | None = Field(None, gt=0)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: float | None = Field(None, ge=0, description="optimiser steps of warmup, or below 1 a fraction "
+                                                                 "of all steps; default the recipe's (10, RM 3 %)")
+    adam_beta2: float | None = Field(None, gt=0, lt=1, description="default the recipe's (0.999, RM 0.95)")
     lr_scheduler: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     beta: float | None = Field(None, gt=0, description="DPO beta / ORPO alpha")
@@ -76,6 +88,10 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0, description="a checkpoint every N steps; a rerun resumes from the last one")
     save_total_limit: int = Field(2, gt=0)
+    general_pairs: dict[str, str] | None = Field(
+        None, description="RM stage 2: train on general helpfulness pairs instead of the release, from these "
+                          "datasets (hub ids or local copies) keyed hh-rlhf, oasst1, webgpt")
+    max_general_pairs: int = Field(GENERAL_PAIRS_MAX, gt=0)
     resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
     num_processes: int | None = Field(None, gt=0, description="GPUs to use; more than 1 runs `accelerate launch`")
     sharding: Literal["auto", "none", "fsdp"] = Field(
@@ -90,6 +106,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{self.method} trains on {' or '.join(SUBSETS_OF[self.method])}, not {self.subset!r}")
         if self.liger and self.method == "dpo":
             raise ValueError("liger cannot be used with DPO here: its reference log-probs are precomputed")
+        if self.general_pairs is not None:
+            if self.method != "rm":
+                raise ValueError("general_pairs are for the reward model (method rm)")
+            unknown = sorted(set(self.general_pairs) - set(GENERAL_PAIR_SHARES))
+            if unknown or not self.general_pairs:
+                raise ValueError(f"general_pairs takes {', '.join(GENERAL_PAIR_SHARES)}, not {unknown or 'nothing'}")
         if self.cpu_offload and self.sharding == "none":
             raise ValueError("cpu_offload needs sharding fsdp (or auto)")
         if self.packing and self.method != "sft":
@@ -112,6 +134,8 @@ class TrainConfig(BaseModel):
             "packing": recipe.packing if self.packing is None else self.packing,
             "global_batch_size": self.global_batch_size or recipe.global_batch_size,
             "beta": self.beta or recipe.beta,
+            "warmup_steps": recipe.warmup if self.warmup_steps is None else self.warmup_steps,
+            "adam_beta2": self.adam_beta2 or recipe.adam_beta2,
             "attn_implementation": self.attn_implementation or ("facets_varlen" if self.method == "sft" else "sdpa"),
         }
         return self.model_copy(update=filled)

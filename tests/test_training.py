@@ -398,6 +398,8 @@ def test_the_train_flow_logs_each_step_readably_and_publishes_the_loss_curve(pre
     messages = asyncio.run(logs(state.state_details.flow_run_id))
     assert not [m for m in messages if BYTECODE.search(m)], "no disassembly from datasets' fingerprinting"
     steps = [m for m in messages if m.startswith("step ")]
+    plans = [i for i, m in enumerate(messages) if m.startswith("memory plan: sft") and "per GPU" in m]
+    assert plans and plans[0] < messages.index(steps[0]), "the memory plan comes before the model is loaded"
     assert [m.split(":")[0] for m in steps] == ["step 1/2", "step 2/2"], messages
     assert re.fullmatch(r"step 2/2: loss \d+\.\d{4}, lr [\d.e+-]+, grad norm [\d.e+-]+", steps[-1])
     assert any(f"final loss {result['final_loss']})" in m for m in messages) and str(result["final_loss"]) in steps[-1]
@@ -426,12 +428,8 @@ def test_facets_train_runs_the_flow_and_reports_bad_flags(prefect_server, data_d
     common = ["--release", str(data_dir), "--base-model", str(model_dir), "--output", str(tmp_path / "orpo")]
     assert main(["train", "--method", "orpo", *common, "--device", "cpu", "--max-steps", "1", "--precision", "fp32",
                  "--max-length", "512", "--batch-size", "2"]) == 0
-    captured = capsys.readouterr()
-    out = captured.out
+    out = capsys.readouterr().out
     assert "orpo done: 1 steps" in out and str(tmp_path / "orpo") in out
-    shown = captured.out + captured.err
-    assert "memory plan: orpo" in shown and "per GPU" in shown, "the plan comes before the model is loaded"
-    assert shown.index("memory plan: orpo") < shown.index("step 1/1")
     summary = json.loads((tmp_path / "orpo" / SUMMARY_FILE).read_text())
     assert summary["config"]["learning_rate"] == 5e-6 and summary["config"]["beta"] == 0.1
 

@@ -46,6 +46,7 @@ def printed_runs(lines: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_the_printed_deployment_runs_complete_offline_on_a_simulate_server(tmp_path):
     project, home = fresh_project(tmp_path), tmp_path / "home"
     home.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from facets.schemas import to_table
-from facets.schemas.release import ChatMessage, PreferencePairRow, SFTRow
+from facets.schemas.release import ChatMessage, PreferencePairRow, RMRow, SFTRow
 from facets.schemas.records import DIMENSIONS, Preference
 from facets.release.publish import LATEST, data_file
 
@@ -63,13 +63,19 @@ def release_rows(n: int, answer_chars: int = 300, prompt_tail: str = "") -> tupl
 
 def write_release(data_dir: Path, n: int = 12, version: str = "v-fixture", answer_chars: int = 300,
                   prompt_tail: str = "") -> Path:
-    """releases/<version>/{sft,small,dpo,orpo}/train-*.parquet and releases/LATEST, as `facets build` lays them."""
+    """releases/<version>/{sft,small,dpo,orpo}/train-*.parquet, rm/{train,test}-*.parquet and releases/LATEST,
+    as `facets build` lays them (the rm test split: every fourth pair)."""
     sft, pairs = release_rows(n, answer_chars, prompt_tail)
     release = data_dir / "releases" / version
-    subsets = {"sft": (sft, SFTRow), "small": (sft[::3], SFTRow), "dpo": (pairs, PreferencePairRow),
-               "orpo": (pairs, PreferencePairRow)}
-    for subset, (rows, model) in subsets.items():
-        path = release / data_file(subset, "train")
+    scored = [RMRow(input=f"{p.system}\n{p.prompt}", chosen=p.chosen[1].content, rejected=p.rejected[1].content)
+              for p in pairs]
+    test = set(range(0, len(scored), 4))
+    subsets = {("sft", "train"): (sft, SFTRow), ("small", "train"): (sft[::3], SFTRow),
+               ("dpo", "train"): (pairs, PreferencePairRow), ("orpo", "train"): (pairs, PreferencePairRow),
+               ("rm", "train"): ([r for i, r in enumerate(scored) if i not in test], RMRow),
+               ("rm", "test"): ([r for i, r in enumerate(scored) if i in test], RMRow)}
+    for (subset, split), (rows, model) in subsets.items():
+        path = release / data_file(subset, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(to_table(rows, model), path)
     (data_dir / "releases" / LATEST).write_text(version)

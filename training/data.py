@@ -21,6 +21,9 @@ from facets.schemas.training import TrainConfig
 
 SFT_COLUMNS = ("system", "prompt", "output")
 PAIR_COLUMNS = ("system", "prompt", "chosen", "rejected")
+RM_COLUMNS = ("input", "chosen", "rejected")  # input = system + "\n" + prompt, as the published RM set
+LAYOUTS = {"sft": (SFT_COLUMNS, "SFT (system, prompt, output)"),
+           "rm": (RM_COLUMNS, "reward-model (input, chosen, rejected)")}
 
 
 class TrainingInputError(ValueError):
@@ -43,16 +46,19 @@ def resolve_release(path: str | os.PathLike[str]) -> Path:
     return root
 
 
-def subset_files(release: Path, subset: str) -> list[Path]:
+def subset_files(release: Path, subset: str, split: str = "train") -> list[Path]:
     folder = release / subset
     if not folder.is_dir():
         present = sorted(p.name for p in release.iterdir() if p.is_dir()) if release.is_dir() else []
         raise TrainingInputError(
             f"{release} has no {subset}/ subset (found: {', '.join(present) or 'nothing'}); "
             "pass a release folder written by `facets build`")
-    files = sorted(folder.glob("train-*.parquet")) or sorted(folder.glob("*.parquet"))
+    files = sorted(folder.glob(f"{split}-*.parquet"))
+    if split == "train":
+        files = files or sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("test-"))
     if not files:
-        raise TrainingInputError(f"{folder} holds no Parquet files")
+        raise TrainingInputError(f"{folder} holds no {split} Parquet files" if split != "train"
+                                 else f"{folder} holds no Parquet files")
     return files
 
 
@@ -61,15 +67,14 @@ def check_layout(files: list[Path], method: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    wanted = SFT_COLUMNS if method == "sft" else PAIR_COLUMNS
+    wanted, kind = LAYOUTS.get(method, (PAIR_COLUMNS, "preference (system, prompt, chosen, rejected)"))
     rows = 0
     for file in files:
         schema = pq.read_schema(file)
         missing = [c for c in wanted if c not in schema.names]
         if missing:
-            kind = "SFT (system, prompt, output)" if method == "sft" else "preference (system, prompt, chosen, rejected)"
             raise TrainingInputError(f"{file} lacks {', '.join(missing)}: {method} needs the {kind} layout")
-        if method != "sft" and not pa.types.is_list(schema.field("chosen").type):
+        if method in ("dpo", "orpo") and not pa.types.is_list(schema.field("chosen").type):
             raise TrainingInputError(f"{file}: chosen/rejected must be [user, assistant] chats, as the published DPO layout")
         rows += pq.ParquetFile(file).metadata.num_rows
     if not rows:
@@ -229,6 +234,8 @@ class RowTokenizer:
         self.eos = [] if self.chat else [tokenizer.eos_token_id]
 
     def __call__(self, row: dict) -> dict:
+        if self.method == "rm":
+            return self._scored(row)
         texts, slotted = _slotted(row, self.method)
         formatted = self.formatter(slotted)
         prompt = self._ids(formatted["prompt"], None, texts)
@@ -240,6 +247,16 @@ class RowTokenizer:
         rejected = self._ids(formatted["prompt"], formatted["rejected"], texts) + self.eos
         start = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
         return {"prompt_ids": prompt[:start], "chosen_ids": chosen[start:], "rejected_ids": rejected[start:]}
+
+    def _scored(self, row: dict) -> dict:
+        """A reward-model pair: each side the whole sequence, prompt and answer, ending in EOS, whose last token
+        the value head reads. The paper's template: `[INST] {input} [/INST] {answer}`."""
+        if self.chat:
+            raise TrainingInputError("the reward model is trained on the Mistral format; use --prompt-format mistral")
+        texts = [row["input"], row["chosen"], row["rejected"]]
+        prompt = f"[INST] {SLOT.format(0)} [/INST]"
+        return {side: self.text.ids(f"{prompt} {SLOT.format(k)}", texts, add_special_tokens=True) + self.eos
+                for side, k in (("chosen_ids", 1), ("rejected_ids", 2))}
 
     def _ids(self, prompt: Any, answer: Any, texts: list[str]) -> list[int]:
         if self.chat:
@@ -273,6 +290,9 @@ def measure(dataset: Any, method: str) -> tuple[list[int], list[int]]:
         if method == "sft":
             prompts = [mask.index(1) if 1 in mask else len(mask) for mask in batch["completion_mask"]]
             rows = [len(ids) for ids in batch["input_ids"]]
+        elif method == "rm":
+            prompts = [_common_prefix(c, r) for c, r in zip(batch["chosen_ids"], batch["rejected_ids"])]
+            rows = [max(len(c), len(r)) for c, r in zip(batch["chosen_ids"], batch["rejected_ids"])]
         else:
             prompts = [len(ids) for ids in batch["prompt_ids"]]
             rows = [p + max(len(c), len(r)) for p, c, r in zip(prompts, batch["chosen_ids"], batch["rejected_ids"])]
@@ -298,14 +318,20 @@ def filter_by_length(dataset: Any, method: str, max_length: int) -> tuple[Any, L
 
 
 # -- loading --------------------------------------------------------------------------------------
-def load_rows(config: TrainConfig, tokenizer: Any) -> tuple[Any, LengthReport]:
-    """The release subset through `datasets`, as tokenised TRL rows that fit `max_length`."""
+def load_rows(config: TrainConfig, tokenizer: Any, split: str = "train") -> tuple[Any, LengthReport]:
+    """The release subset (or, for the reward model's stage 2, the general pairs) through `datasets`, as
+    tokenised TRL rows that fit `max_length`."""
     import datasets
 
-    release = resolve_release(config.release)
-    files = subset_files(release, config.subset)
-    check_layout(files, config.method)
-    raw = datasets.load_dataset("parquet", data_files={"train": [str(f) for f in files]}, split="train")
+    if config.method == "rm" and config.general_pairs and split == "train":
+        from facets.training.general_pairs import general_pairs
+
+        raw = general_pairs(config.general_pairs, config.max_general_pairs, config.seed)
+    else:
+        release = resolve_release(config.release)
+        files = subset_files(release, config.subset, split)
+        check_layout(files, config.method)
+        raw = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
     tokenise = RowTokenizer(config.method, config.prompt_format, tokenizer)
-    rows = raw.map(tokenise, remove_columns=raw.column_names, desc=f"tokenising {config.subset}")
+    rows = raw.map(tokenise, remove_columns=raw.column_names, desc=f"tokenising {config.subset} {split}")
     return filter_by_length(rows, config.method, config.max_length)

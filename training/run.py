@@ -40,6 +40,7 @@ class TrainResult(BaseModel):
     lengths: dict
     config: dict
     already_trained: bool = False  # the run had finished before: nothing was trained this time
+    evaluation: dict | None = None  # the reward model: accuracy on the release's rm test split
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -141,6 +142,7 @@ def train(config: TrainConfig, callbacks: list | None = None, processes: int = 1
     started = time.monotonic()
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.monotonic() - started
+    evaluation = reward_accuracy(trainer, tokenizer, config) if config.method == "rm" else None
     save(trainer, tokenizer, config)
     records = read_metrics(output)
     plot_loss_curve(records, output / LOSS_CURVE_FILE, f"{config.method} on {Path(config.release).name}/{config.subset}")
@@ -152,10 +154,20 @@ def train(config: TrainConfig, callbacks: list | None = None, processes: int = 1
                          steps=trainer.state.global_step, final_loss=last_logged,
                          seconds=round(seconds, 2), tokens_seen=tokens,
                          tokens_per_second=round(tokens / seconds, 1) if seconds else 0.0,
-                         lengths=lengths.as_dict(), config=config.model_dump(mode="json"))
+                         lengths=lengths.as_dict(), config=config.model_dump(mode="json"), evaluation=evaluation)
     if trainer.is_world_process_zero():
         (output / SUMMARY_FILE).write_text(result.model_dump_json(indent=2))
     return result
+
+
+def reward_accuracy(trainer: Any, tokenizer: Any, config: TrainConfig) -> dict:
+    """How often the reward model scores the chosen answer above the rejected one on the rm test split
+    (one pair per batch, so the mean of the batches' accuracies is the accuracy)."""
+    test, lengths = load_rows(config, tokenizer, split="test")
+    trainer.args.per_device_eval_batch_size = 1
+    metrics = trainer.evaluate(eval_dataset=test)  # TRL adds its reward metrics as eval_*
+    return {"split": "test", "pairs": lengths.kept, "too_long": lengths.too_long,
+            "accuracy": round(float(metrics["eval_accuracy"]), 4), "margin": round(float(metrics["eval_margin"]), 4)}
 
 
 def estimated_tokens(trainer: Any, lengths: Any) -> int:

@@ -1,4 +1,4 @@
-"""TRL trainers for SFT, DPO and ORPO from one resolved TrainConfig.
+"""TRL trainers for SFT, DPO, ORPO and the reward model from one resolved TrainConfig.
 
 Precision (issue: updates that really happen): at lr 5e-6, and 5e-7 for DPO, a bf16 weight plus its
 update rounds back to the same bf16 number for most weights. `fp32-master` keeps fp32 weights and
@@ -52,6 +52,7 @@ def common_arguments(config: TrainConfig, on_cpu: bool, processes: int) -> dict[
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps,
+        adam_beta2=config.adam_beta2,
         weight_decay=config.weight_decay,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.accumulation_steps(processes),
@@ -98,6 +99,13 @@ def build_trainer(config: TrainConfig, rows: Any, tokenizer: Any, *, on_cpu: boo
                          precompute_ref_batch_size=max(1, config.batch_size * 2))
         return tokenised_dpo()(model=config.base_model, args=args, train_dataset=rows, processing_class=tokenizer,
                                callbacks=callbacks)
+    if config.method == "rm":
+        from trl import RewardConfig
+
+        # rows come as whole chosen/rejected sequences ending in EOS: the value head reads the last token
+        args = RewardConfig(**arguments, max_length=config.max_length)
+        return sharded(RewardTrainer())(model=config.base_model, args=args, train_dataset=rows,
+                                        processing_class=tokenizer, callbacks=callbacks)
     from trl.experimental.orpo import ORPOConfig
 
     args = ORPOConfig(**arguments, max_length=config.max_length, beta=config.beta)
@@ -108,6 +116,12 @@ def build_trainer(config: TrainConfig, rows: Any, tokenizer: Any, *, on_cpu: boo
 def sharded(trainer_class: type) -> type:
     """The trainer itself, or its FSDP-sharding subclass when `accelerate launch` asked for FSDP."""
     return fsdp_trainer(trainer_class) if sharded_by_launcher() else trainer_class
+
+
+def RewardTrainer():  # noqa: N802 - a class, imported late (TRL loads torch)
+    from trl import RewardTrainer as TRLRewardTrainer
+
+    return TRLRewardTrainer
 
 
 # Rows come tokenised (training/data.py: a row's text never becomes a special token). SFT takes `input_ids`

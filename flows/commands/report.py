@@ -3,7 +3,8 @@
 The report (release/data_report.py): pairwise ROUGE-L among preference descriptions within each dimension
 and among the system messages of an instruction, subdimension coverage, and length distributions, with
 plots. It is written to `<release>/report/` and published as Prefect artifacts (`data-report`,
-`data-report-rouge`) by the `data-report` flow, run in this process on Prefect's embedded server.
+`data-report-rouge`) by the `data-report` flow (flows/data_report.py), run in this process on Prefect's
+embedded server.
 
 `--subsets 1,2,3` also writes training subsets with that many system messages per instruction
 (release/subsets.py) to `<data dir>/subsets/<version>/sft-k/`, each trainable with `facets train --release`.
@@ -42,32 +43,6 @@ def resolve_release(path: str) -> Path:
     return root
 
 
-def make_report(release: Path, seed: int, max_pairs: int, max_instructions: int) -> dict:
-    from facets.release.data_report import data_report, report_markdown, write_report
-
-    report = data_report(release, seed=seed, max_pairs=max_pairs, max_instructions=max_instructions)
-    return {"files": write_report(release, report), "markdown": report_markdown(report, pictures=False),
-            "rouge": [{"pairs of": f"descriptions: {d}", **vars(dist)} for d, dist in report.description_rouge.items()]
-                     + [{"pairs of": "system messages of one instruction", **vars(report.system_rouge)}]}
-
-
-def data_report_flow():
-    """The `data-report` flow: the report as files in the release folder and as artifacts. Prefect is
-    imported here, not with the module: `--no-artifacts` runs without it."""
-    from prefect import flow
-    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-
-    @flow(name="data-report", log_prints=True, persist_result=False)
-    async def data_report(release: str, seed: int = 0, max_pairs: int = 2000, max_instructions: int = 1000) -> dict:
-        done = make_report(Path(release), seed, max_pairs, max_instructions)
-        await acreate_markdown_artifact(done["markdown"], key="data-report",
-                                        description=f"data report of {Path(release).name}")
-        await acreate_table_artifact(done["rouge"], key="data-report-rouge", description="pairwise ROUGE-L")
-        return done
-
-    return data_report
-
-
 def _counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -77,16 +52,18 @@ def _counts(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from facets.flows.commands.bench import prefect_environment, run_flow
+    from facets.release.data_report import report_files
 
     try:
         release = resolve_release(args.release)
         counts = _counts(args.subsets) if args.subsets else ()
         if args.artifacts:
             prefect_environment()
-            report_flow = data_report_flow()
-            done = run_flow(lambda _: report_flow(str(release), args.seed, args.max_pairs, args.max_instructions), None)
+            from facets.flows.data_report import data_report
+
+            done = run_flow(lambda _: data_report(str(release), args.seed, args.max_pairs, args.max_instructions), None)
         else:
-            done = make_report(release, args.seed, args.max_pairs, args.max_instructions)
+            done = report_files(release, args.seed, args.max_pairs, args.max_instructions)
         print(done["markdown"])
         print(f"report: {done['files']['markdown']}")
         if counts:
