@@ -159,6 +159,10 @@ def publish_artifacts(result: dict) -> None:
         f"| {result['steps']} | {result['final_loss']} | {result['tokens_seen']} | {result['tokens_per_second']} "
         f"| {lengths['kept']} | {lengths['too_long']} |\n\nModel: `{result['output_dir']}`",
         key="train-summary", description="training summary")
+    evaluation = result.get("evaluation")
+    if evaluation:
+        create_table_artifact([evaluation], key="rm-accuracy",
+                              description="reward model: share of rm test pairs whose chosen answer scores higher")
 
 
 @flow(name="train", log_prints=False, persist_result=False)
@@ -184,4 +188,7 @@ def train(config: TrainConfig) -> dict:
                        lengths["max_length"])
     publish_artifacts(result)
     logger.info("model saved to %s (%d steps, final loss %s)", result["output_dir"], result["steps"], result["final_loss"])
+    if result.get("evaluation"):
+        logger.info("reward model accuracy on the rm test split: %s over %d pairs", result["evaluation"]["accuracy"],
+                    result["evaluation"]["pairs"])
     return result

@@ -57,6 +57,7 @@ class CardFacts:
     test_fraction: float
     config: dict = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
+    data_report: str = ""                          # the release's data report (release/data_report.py), markdown
 
 
 def format_cost(cost: float | None) -> str:
@@ -234,6 +235,11 @@ def render_card(facts: CardFacts) -> str:
     else:
         out += ["None recorded.", ""]
 
+    if facts.data_report:  # its own sections, one level down, after its title
+        out += ["## Data report", "", "Diversity, coverage and lengths of this release (`facets report` makes it again, "
+                "with other samples); also in [report/](report/README.md).", ""]
+        body = facts.data_report.split("\n", 1)[1] if facts.data_report.startswith("# ") else facts.data_report
+        out += [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body.splitlines()] + [""]
     out += fidelity_section(facts.config)
     out += licence_section(facts)
 

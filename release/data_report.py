@@ -240,7 +240,8 @@ def _dist_row(name: str, d: Distribution) -> str:
     return f"| {name} | {d.count} | {d.mean:.3f} | {d.median:.3f} | {d.p10:.3f} | {d.p90:.3f} |"
 
 
-def report_markdown(report: DataReport, pictures: bool = True) -> str:
+def report_markdown(report: DataReport, pictures: bool = True, folder: str = "") -> str:
+    """The report as markdown; `folder`: where its pictures are, seen from where the markdown is read."""
     lines = [f"# Data report: release {report.release}", "",
              f"{report.rows} SFT rows, {report.instructions} instructions; samples seeded with {report.seed}.", "",
              "## Pairwise ROUGE-L (lower is more diverse)", "",
@@ -248,7 +249,7 @@ def report_markdown(report: DataReport, pictures: bool = True) -> str:
              *[_dist_row(f"descriptions: {d}", report.description_rouge[d]) for d in DIMENSIONS],
              _dist_row("system messages of one instruction", report.system_rouge), ""]
     if pictures:
-        lines += ["![ROUGE-L](rouge_l.png)", ""]
+        lines += [f"![ROUGE-L]({folder}rouge_l.png)", ""]
     lines += ["## Subdimension coverage", "",
               f"| dimension | subdimensions | top {TOP} cover | most frequent |", "|---|---|---|---|"]
     for d in DIMENSIONS:
@@ -257,12 +258,12 @@ def report_markdown(report: DataReport, pictures: bool = True) -> str:
         lines.append(f"| {d} | {c.distinct} | {100 * c.top_share:.1f}% | {top} |")
     lines.append("")
     if pictures:
-        lines += ["![Subdimensions](subdimensions.png)", ""]
+        lines += [f"![Subdimensions]({folder}subdimensions.png)", ""]
     lines += ["## Lengths (words)", "", "| text | count | mean | median | p10 | p90 | max |", "|---|---|---|---|---|---|---|"]
     for name, d in report.lengths.items():
         lines.append(f"| {name} | {d.count} | {d.mean:.1f} | {d.median:.0f} | {d.p10:.0f} | {d.p90:.0f} | {d.maximum:.0f} |")
     if pictures:
-        lines += ["", "![Lengths](lengths.png)"]
+        lines += ["", f"![Lengths]({folder}lengths.png)"]
     return "\n".join(lines) + "\n"
 
 

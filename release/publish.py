@@ -21,6 +21,7 @@ paper's 65,653 instructions takes no more memory than that of a few thousand.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from facets.schemas.stages import STAGES
 from facets.storage import Catalog, Store
 from facets.storage.mirror import local_tables
 from facets.storage.scratch import Scratch, open_scratch, sweep
+from facets.release.data_report import REPORT_DIR, data_report, report_markdown, write_report
 from facets.release.card import CardFacts, format_cost, redact, render_card, total_cost, total_tokens
 from facets.release.sunburst import sunburst_html, sunburst_nodes, sunburst_png
 
@@ -418,7 +420,10 @@ def _write_datasets(con: duckdb.DuckDBPyConnection, staging: str, seed: int, tes
 
 
 def _write_extras(con: duckdb.DuckDBPyConnection, staging: str, facts: CardFacts) -> dict[str, dict]:
-    """Card, sunburst HTML and PNG into `staging`; their manifest entries."""
+    """Data report, card, sunburst HTML and PNG into `staging`; their manifest entries."""
+    report = dataclasses.replace(data_report(staging, seed=facts.seed), release=facts.version)
+    files = write_report(staging, report)
+    facts.data_report = report_markdown(report, folder=f"{REPORT_DIR}/")
     title = f"Multifaceted Collection {facts.version}: dimension, subdimension, preference"
     extras = {
         "README.md": render_card(facts).encode("utf-8"),
@@ -430,6 +435,8 @@ def _write_extras(con: duckdb.DuckDBPyConnection, staging: str, facts: CardFacts
         with open(f"{staging}/{name}", "wb") as handle:
             handle.write(data)
         entries[name] = _file_entry(f"{staging}/{name}")
+    for path in files.values():
+        entries[os.path.relpath(path, staging)] = _file_entry(path)
     return entries
 
 

@@ -202,7 +202,8 @@ def test_counts_and_layout(published):
     assert (root.parent / "LATEST").read_text().strip() == release.version
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert names == ["README.md", "dpo/train-00000-of-00001.parquet", "manifest.json", "orpo/train-00000-of-00001.parquet",
-                     "rm/test-00000-of-00001.parquet", "rm/train-00000-of-00001.parquet",
+                     "report/README.md", "report/lengths.png", "report/report.json", "report/rouge_l.png",
+                     "report/subdimensions.png", "rm/test-00000-of-00001.parquet", "rm/train-00000-of-00001.parquet",
                      "sft/train-00000-of-00001.parquet", "small/train-00000-of-00001.parquet",
                      "sunburst.html", "sunburst.png"]
     assert not any(p.name.startswith(".") for p in Path(store.root).joinpath("releases").iterdir())
@@ -315,6 +316,11 @@ def test_card(published):
                  "response missing", "sunburst.html", "sunburst.png", "Nectar", "OpenHermesPreferences"):
         assert fact in text, fact
     assert "sk-do-not-print" not in text
+    # the data report is on the card, its pictures beside it in report/
+    report = text.split("## Data report", 1)[1].split("\n## ", 1)[0]
+    assert "### Pairwise ROUGE-L" in report and "| descriptions: style |" in report
+    for picture in re.findall(r"!\[[^]]*\]\((report/[^)]+)\)", report):
+        assert (Path(release.path) / picture).is_file(), picture
     # the stage table counts the ignored rows of the earlier build and the retried shard
     assert re.search(r"\| responses \| 15 \| 14 \| 15 \| 6 \|", text), text
 

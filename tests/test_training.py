@@ -410,6 +410,25 @@ def test_the_train_flow_logs_each_step_readably_and_publishes_the_loss_curve(pre
     assert any("already trained" in m for m in asyncio.run(logs(again.state_details.flow_run_id)))
 
 
+def test_the_reward_model_s_test_accuracy_is_published(prefect_server, data_dir, model_dir, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from facets.flows.train import train as train_flow
+
+    result = train_flow(config(data_dir, model_dir, tmp_path, "rm", max_steps=1))
+    assert result["evaluation"]["pairs"] == 3
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rm-accuracy"])))
+
+    (row,) = json.loads(asyncio.run(artifacts())[0].data)
+    assert row["accuracy"] == result["evaluation"]["accuracy"] and row["split"] == "test"
+
+
 def test_dpo_without_a_base_model_is_refused_in_one_line(data_dir, tmp_path):
     """It never starts silently from the base model: a real `facets train` process, before Prefect or torch."""
     command = [sys.executable, "-m", "facets.flows.cli", "train", "--method", "dpo", "--release", str(data_dir),

@@ -64,6 +64,8 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
         raise TrainingInputError(NO_DPO_START)
     release = resolve_release(config.release)
     check_layout(subset_files(release, config.subset), config.method)
+    if config.method == "rm":  # judged on the release's test split after training: found before, not after
+        check_layout(subset_files(release, config.subset, "test"), config.method)
     check_base_model(config.base_model)
     if config.precision == "bf16-stochastic":
         try:
@@ -73,12 +75,13 @@ def check_inputs(config: TrainConfig) -> TrainConfig:
     return config.model_copy(update={"release": str(release)})
 
 
-def load_tokenizer(base_model: str) -> Any:
+def load_tokenizer(base_model: str, method: str = "sft") -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:  # Mistral's tokenizer has none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
+        # but a reward model finds its last token as the last one that is not padding: that must be the EOS
+        tokenizer.pad_token = tokenizer.unk_token if method == "rm" and tokenizer.unk_token else tokenizer.eos_token
     return tokenizer
 
 
@@ -129,7 +132,7 @@ def train(config: TrainConfig, callbacks: list | None = None, processes: int = 1
     from facets.training.trainers import build_trainer
 
     on_cpu = resolve_device(config) == "cpu"
-    tokenizer = load_tokenizer(config.base_model)
+    tokenizer = load_tokenizer(config.base_model, config.method)
     rows, lengths = load_rows(config, tokenizer)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""`facets train`: SFT, DPO or ORPO on a release with the paper's recipe, through the `train` flow.
+"""`facets train`: SFT, DPO, ORPO or the reward model on a release with the paper's recipe, through the `train` flow.
 
     facets train --release data --method sft --base-model mistral-community/Mistral-7B-v0.2 --output models/sft
     facets train --release data --method dpo --base-model models/sft-small --output models/dpo
+    facets train --release data --method rm --base-model models/sft-1epoch --output models/rm
     facets train --release data --method sft --base-model ./tiny --output /tmp/t --device cpu --max-steps 3
 
 Flags left out take the method's recipe (schemas/training.py); `--config FILE` gives the whole TrainConfig
@@ -24,13 +25,13 @@ OVERRIDES = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate"
              "global_batch_size": "global_batch_size", "max_length": "max_length", "device": "device",
              "subset": "subset", "prompt_format": "prompt_format", "precision": "precision", "beta": "beta",
              "attention": "attn_implementation", "processes": "num_processes", "save_steps": "save_steps",
-             "seed": "seed"}
+             "seed": "seed", "sharding": "sharding", "cpu_offload": "cpu_offload"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--release", help="a release folder, or a data dir / releases/ folder whose LATEST names one")
-    add("--method", choices=["sft", "dpo", "orpo"])
+    add("--method", choices=["sft", "dpo", "orpo", "rm"])
     add("--base-model", help="hub id or local folder (default: Mistral-7B-v0.2; DPO has no default: the SFT "
                              "model trained on `small`)")
     add("--output", dest="output_dir", help="where checkpoints, the model, metrics and the loss curve go")
@@ -50,6 +51,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--processes", type=int, help="GPUs to use; more than one runs accelerate launch")
     add("--save-steps", type=int)
     add("--seed", type=int)
+    add("--sharding", choices=["auto", "none", "fsdp"],
+        help="fsdp: shard weights, gradients and optimiser states over the GPUs (FSDP2); auto: when the memory "
+             "plan says one GPU's copy does not fit")
+    add("--cpu-offload", action="store_true", default=None, help="with fsdp: keep the sharded state in CPU memory")
+    add("--general-pairs", action="append", metavar="NAME=DATASET",
+        help="RM stage 2: train on general pairs instead of the release (hh-rlhf, oasst1, webgpt; hub id or local copy)")
     add("--no-packing", dest="packing", action="store_false", default=None, help="SFT without packing")
     add("--no-resume", dest="resume", action="store_false", default=None, help="start over, ignoring checkpoints")
 
@@ -64,11 +71,20 @@ def config_from(args: argparse.Namespace):
     for flag, field in OVERRIDES.items():
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
+    if args.general_pairs:
+        values["general_pairs"] = dict(_named(item) for item in args.general_pairs)
     missing = [f"--{n.replace('_dir', '').replace('_', '-')}" for n in ("release", "method", "output_dir")
                if n not in values]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give them in --config)")
     return TrainConfig.model_validate(values)
+
+
+def _named(item: str) -> tuple[str, str]:
+    name, sep, location = item.partition("=")
+    if not sep or not name or not location:
+        raise ValueError(f"--general-pairs takes NAME=DATASET, not {item!r}")
+    return name, location
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['method']} done: {result['steps']} steps, final loss {result['final_loss']}, "
           f"{result['tokens_per_second']:.0f} tokens/s; {lengths['kept']} rows trained, "
           f"{lengths['too_long']} longer than {lengths['max_length']} tokens left out")
+    if result.get("evaluation"):
+        evaluation = result["evaluation"]
+        print(f"reward model accuracy on the rm test split: {evaluation['accuracy']} ({evaluation['pairs']} pairs)")
     print(f"model: {result['output_dir']}  (beside it: train_summary.json, metrics.jsonl, loss_curve.png)")
     return 0
 
