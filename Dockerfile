@@ -35,6 +35,8 @@ RUN pip install ".${EXTRAS}" ${EXTRA_PACKAGES}
 
 # The deployments; FACETS_HOME (this directory) is where runs resolve relative paths such as data_dir=data.
 COPY prefect.yaml ./
+# the bundled sample that the try-it (`sample`) deployments read
+COPY tests/data/ tests/data/
 RUN mkdir -p data
 
 CMD ["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]

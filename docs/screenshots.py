@@ -103,10 +103,8 @@ def main() -> int:
             release = next(key for key in artifacts if key.startswith("release-"))
             screenshot(browser, f"{ui}/runs", "runs")
             screenshot(browser, f"{ui}/runs/flow-run/{run_ids['build-collection/sample']}", "build-run")
-            screenshot(browser, f"{ui}/artifacts/artifact/{artifacts['build-report']}", "build-report", 15000)
-            screenshot(browser, f"{ui}/artifacts/artifact/{artifacts[release]}", "release-card", 15000)
-            if "evaluate-summary" in artifacts:
-                screenshot(browser, f"{ui}/artifacts/artifact/{artifacts['evaluate-summary']}", "evaluate-summary")
+            # The artifact pages (/artifacts/artifact/<id>) came out blank in headless Chromium: not taken yet.
+            print(f"artifacts: {', '.join(sorted(artifacts))} (release card: {release})")
             screenshot(browser, f"{ui}/deployments", "deployments")
         finally:
             stack.terminate()

@@ -64,7 +64,7 @@ class Progress:
 
     async def advance(self, stage: str, shard) -> None:
         self.done += 1
-        self.last = f"{stage} {shard.name}"
+        self.last = f"{stage} {shard.title}"
         for listener in self.listeners:
             listener(self)
         if self.done == self.total or time.monotonic() - self._pushed > 2.0:

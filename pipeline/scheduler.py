@@ -98,14 +98,18 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
         shard.reported(alive)
         top_up()
 
+    draws = 0
+
     def top_up() -> None:
+        nonlocal draws
         short = wanted - sum(s.expected() for s in shards)
         if short <= 0 or not pool.remaining:
             return
         instructions = pool.draw(short)
         width = buckets_per_shard(len(instructions), config.shard_size)
-        new = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, config.sets_per_instruction)
-               for (lo, hi), group in shard_ranges(instructions, width).items()]
+        new = [Shard(lo, hi, group, {i.id: ctx.plan.fingerprints(i.id) for i in group}, config.sets_per_instruction,
+                     draw=draws) for (lo, hi), group in shard_ranges(instructions, width).items()]
+        draws += 1
         progress.add(len(new) * len(STAGE_NAMES), len(instructions))
         shards.extend(new)
         running.update(asyncio.create_task(one(shard)) for shard in new)

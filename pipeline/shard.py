@@ -37,9 +37,12 @@ class StageCount:
 class Shard:
     """Plain class on purpose: Prefect does not walk it when it is passed to a task."""
 
-    def __init__(self, lo: int, hi: int, instructions: list[Instruction], plans: dict[str, Fingerprints], sets: int):
+    def __init__(self, lo: int, hi: int, instructions: list[Instruction], plans: dict[str, Fingerprints], sets: int,
+                 draw: int = 0):
         self.lo, self.hi, self.sets = lo, hi, sets
-        self.name = f"b{lo:04d}-{hi:04d}"
+        self.name = f"b{lo:04d}-{hi:04d}"  # the label of its files: a bucket range
+        # what the UI shows: replacements drawn later for the same bucket range say which draw they are
+        self.title = self.name if draw == 0 else f"{self.name}-draw{draw}"
         self.instructions = {i.id: i for i in instructions}
         self.plans = plans
         self.rows: dict[str, dict[tuple[str, int], BaseModel]] = {}

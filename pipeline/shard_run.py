@@ -30,7 +30,7 @@ def retry_unless_aborted(task_, task_run, state) -> bool:
 
 
 
-@task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.name}", retry_delay_seconds=2)
+@task(name="stage", cache_policy=NO_CACHE, task_run_name="{stage}-{shard.title}", retry_delay_seconds=2)
 async def run_stage(stage: str, ctx: BuildContext, shard: Shard) -> dict[str, int]:
     await RUNNERS[stage](ctx, shard)
     return shard.counts[stage].as_dict()

@@ -144,3 +144,60 @@ class TrainConfig(BaseModel):
         """Forward passes accumulated per optimiser step so one step sees `global_batch_size` rows."""
         wanted = self.global_batch_size or self.recipe.global_batch_size
         return max(1, round(wanted / (self.batch_size * processes)))
+
+
+# The paper's suite, in its order: (name, method, subset, starts from: "base" or an earlier step, epochs)
+JANUS_SUITE: tuple[tuple[str, str, str, str, float | None], ...] = (
+    ("janus", "sft", "sft", "base", None),  # Janus: SFT on the full set, 4 epochs
+    ("janus-star", "sft", "small", "base", None),  # Janus*: SFT on `small`
+    ("janus-dpo", "dpo", "dpo", "janus-star", None),  # Janus+DPO: from Janus*
+    ("janus-orpo", "orpo", "orpo", "base", None),  # Janus+ORPO: from the base model
+    ("janus-1epoch", "sft", "sft", "base", 1),  # the start of the reward model: Janus trained 1 epoch
+    ("janus-rm", "rm", "rm", "janus-1epoch", None),  # Janus-RM stage 1, on `rm`
+    ("janus-rm-general", "rm", "rm", "janus-rm", None),  # stage 2, on general pairs (when they are given)
+)
+
+
+class JanusConfig(BaseModel):
+    """The whole Janus suite on one release: each model goes to <output_dir>/<name>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    release: str
+    output_dir: str = Field(description="the models' folder: one subfolder per model of the suite")
+    base_model: str = BASE_MODEL
+    only: list[str] | None = Field(None, description="these steps (and nothing else): names of JANUS_SUITE")
+    general_pairs: dict[str, str] | None = Field(None, description="RM stage 2's datasets; without them it is skipped")
+    overrides: dict = Field(default_factory=dict, description="TrainConfig fields given to every step "
+                                                              "(device, max_steps, precision, sharding ...)")
+    method: str | None = Field(None, description="ignored: what a build's train_after block passes along")
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> "JanusConfig":
+        names = [name for name, *_ in JANUS_SUITE]
+        unknown = sorted(set(self.only or ()) - set(names))
+        if unknown:
+            raise ValueError(f"the suite has no step {', '.join(unknown)} (it has {', '.join(names)})")
+        forbidden = sorted({"method", "release", "output_dir", "base_model", "subset"} & set(self.overrides))
+        if forbidden:
+            raise ValueError(f"overrides cannot set {', '.join(forbidden)}: each step sets its own")
+        return self
+
+    def steps(self) -> list[tuple[str, TrainConfig]]:
+        """(name, its TrainConfig) in the suite's order; later steps start from earlier ones' folders."""
+        folders: dict[str, str] = {"base": self.base_model}
+        chosen: list[tuple[str, TrainConfig]] = []
+        for name, method, subset, start, epochs in JANUS_SUITE:
+            folders[name] = f"{self.output_dir.rstrip('/')}/{name}"
+            if name == "janus-rm-general" and not self.general_pairs:
+                continue
+            if self.only is not None and name not in self.only:
+                continue
+            values = {**self.overrides, "method": method, "release": self.release, "subset": subset,
+                      "output_dir": folders[name], "base_model": folders[start]}
+            if epochs is not None and "max_steps" not in self.overrides:
+                values["epochs"] = epochs
+            if name == "janus-rm-general":
+                values["general_pairs"] = self.general_pairs
+            chosen.append((name, TrainConfig.model_validate(values)))
+        return chosen

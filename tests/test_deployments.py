@@ -65,7 +65,7 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
 
     for spec in prefect_yaml()["deployments"]:
         flow = load_flow_from_entrypoint(spec["entrypoint"])
-        assert flow.name in {"build-collection", "build-shard", "build-bench", "train", "evaluate"}
+        assert flow.name in {"build-collection", "build-shard", "build-bench", "train", "evaluate", "janus"}
         if flow.name != "build-shard":  # its build passes all its parameters
             flow.validate_parameters(spec.get("parameters") or {})
     build = deployment()
@@ -80,6 +80,16 @@ def test_every_deployment_names_a_flow_that_exists_and_its_parameters_validate()
     assert config.shard_deployment == "build-shard/default"
     assert load_flow_from_entrypoint(shard["entrypoint"]).name == "build-shard"
     assert shard["work_pool"]["name"] == "cpu" and not shard.get("schedules") and not shard.get("parameters")
+
+
+def test_the_paper_deployment_builds_with_the_paper_profile_and_is_never_scheduled():
+    spec = deployment("paper")
+    assert spec["entrypoint"].endswith(":build_collection") and not spec.get("schedules")
+    config = BuildConfig.model_validate(spec["parameters"]["config"])
+    assert config.profile == "paper" and config.limit == 65_653 and config.quotas["nectar/anthropic-hh"] == 6037
+    assert {config.model_of(stage) for stage in config.stages} == {"gpt-4-0125-preview"}
+    assert sorted(s.split("=")[0] for s in config.sources) == ["chatbot_arena", "dsp", "nectar", "openhermes",
+                                                                "ultrafeedback"]
 
 
 def test_try_it_deployments_read_only_the_bundled_sample_and_stay_small():
