@@ -136,9 +136,35 @@ def train_launched(config: TrainConfig, processes: int) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     config_file = output / f"launch_{CONFIG_FILE}"
     config_file.write_text(config.model_dump_json(indent=2))
-    subprocess.run(launch_command(config, config_file, processes), check=True)
+    launcher = subprocess.Popen(launch_command(config, config_file, processes))
+    try:
+        code = launcher.wait()
+    finally:
+        stop_with_workers(launcher)  # a cancelled task must not leave training processes behind
+    if code != 0:
+        raise subprocess.CalledProcessError(code, "accelerate launch")
     return json.loads((output / SUMMARY_FILE).read_text())
 
+
+def stop_with_workers(launcher: subprocess.Popen) -> None:
+    """The launcher and the processes it started: torch's launcher puts each worker in a session of its own,
+    so they would outlive a launcher that is killed (a cancelled run, a worker shutting down)."""
+    if launcher.poll() is not None:
+        return
+    import psutil
+
+    try:
+        processes = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    for process in alive:
+        process.kill()
 
 def publish_artifacts(result: dict) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from facets.simulator.server import run_simulator
 from facets.schemas import BenchRow, Instruction
@@ -300,12 +299,6 @@ def test_simulator_ends_a_judge_reply_with_a_score_and_serves_raw_completions():
 
 
 # --- end to end -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 @pytest.fixture(scope="module")
 def sim():

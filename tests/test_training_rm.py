@@ -93,6 +93,16 @@ def test_the_reward_model_trains_on_the_rm_subset_and_reports_its_test_accuracy(
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     assert model.config.pad_token_id != model.config.eos_token_id, "the value head reads the EOS, not padding"
 
+    # best-of-N: N answers scored in one padded batch, each as it would score alone; the best one kept
+    from facets.training.reward import RewardScorer, best_of
+
+    scorer = RewardScorer(str(tmp_path), device="cpu")
+    answers = ["Short.", "A longer answer that explains why, step by step.", "Another one, of middling length."]
+    best, scores = best_of(scorer, "You are terse.", "Why is the sky blue?", answers)
+    assert len(scores) == 3 and scores[best] == max(scores) and len(set(scores)) == 3
+    alone = [scorer.score("You are terse.", "Why is the sky blue?", [a])[0] for a in answers]
+    assert alone == pytest.approx(scores, abs=1e-5), "padding does not move a score"
+
 
 def test_pairs_are_scored_on_the_paper_s_template_ending_in_eos(data_dir, model_dir):
     from facets.training.data import load_rows
