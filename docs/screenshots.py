@@ -41,8 +41,8 @@ def api(api_url: str, path: str, body: dict | None = None):
         return json.loads(reply.read())
 
 
-def start_server(project: Path, port: int, log: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    """`facets server --simulate`; returns it, its API URL and the run commands it printed."""
+def start_server(project: Path, port: int, log: Path) -> tuple[subprocess.Popen, dict[str, str], list[str]]:
+    """`facets server --simulate`; returns it, the variables it says to export and the run commands it printed."""
     # Prefect's state then goes to the scratch project's data/.prefect (flows/cli.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PREFECT_API", "PREFECT_HOME"))}
     env.update(PREFECT_WORKER_QUERY_SECONDS="1")
@@ -54,9 +54,10 @@ def start_server(project: Path, port: int, log: Path) -> tuple[subprocess.Popen,
     while time.monotonic() < deadline:
         text = log.read_text(encoding="utf-8")
         if "Ctrl-C stops" in text:
-            api_url = next(line.split(READY, 1)[1].strip() for line in text.splitlines() if READY in line)
+            exports = dict(shlex.split(line.strip())[1].split("=", 1) for line in text.splitlines()
+                           if line.strip().startswith("export "))
             runs = [line.split("#")[0].strip() for line in text.splitlines() if " deployment run " in line]
-            return stack, api_url, runs
+            return stack, exports, runs
         if stack.poll() is not None:
             sys.exit(f"facets server exited:\n{text[-3000:]}")
         time.sleep(1)
@@ -87,9 +88,10 @@ def main() -> int:
         project.mkdir()
         shutil.copy(ROOT / "prefect.yaml", project / "prefect.yaml")
         (project / "tests").symlink_to(ROOT / "tests")
-        stack, api_url, runs = start_server(project, args.port, Path(scratch) / "server.log")
+        stack, exports, runs = start_server(project, args.port, Path(scratch) / "server.log")
+        api_url = exports["PREFECT_API_URL"]
         try:
-            env = {**os.environ, "PREFECT_API_URL": api_url}
+            env = {**os.environ, **exports}
             run_ids = {}
             for run in runs[:args.runs]:
                 print(f"$ {run}", flush=True)

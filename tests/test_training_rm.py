@@ -86,7 +86,8 @@ def test_the_reward_model_trains_on_the_rm_subset_and_reports_its_test_accuracy(
     assert result.evaluation["split"] == "test" and result.evaluation["pairs"] == 3
     assert result.evaluation["accuracy"] in (0.0, 0.3333, 0.6667, 1.0)
     recipe = RECIPES["rm"]
-    assert (result.config["learning_rate"], result.config["adam_beta2"], result.config["warmup_steps"]) == (1e-3, 0.95, 0.03)
+    given = result.config
+    assert (given["learning_rate"], given["adam_beta2"], given["warmup_steps"]) == (1e-3, 0.95, 0.03)
     assert (recipe.learning_rate, recipe.epochs, recipe.max_length, recipe.global_batch_size) == (9e-6, 1, 2048, 128)
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
@@ -112,7 +113,8 @@ def test_pairs_are_scored_on_the_paper_s_template_ending_in_eos(data_dir, model_
     row = rows[0]
     for side in ("chosen_ids", "rejected_ids"):
         ids = row[side]
-        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert ids.count(tokenizer.eos_token_id) == 1
         assert tokenizer.decode(ids[1:-1]).startswith("[INST] ") and " [/INST] " in tokenizer.decode(ids)
 
 

@@ -73,7 +73,9 @@ def test_the_printed_deployment_runs_complete_offline_on_a_simulate_server(tmp_p
         assert incremental["schedules"] and not any(s["active"] for s in incremental["schedules"])
         assert not api(api_url, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
 
-        user_env = {**env, "PREFECT_API_URL": api_url}
+        # the shell a user opens: the two exports the server printed
+        home_line = next(line.strip() for line in output.lines if line.strip().startswith(server.HOME_LINE))
+        user_env = {**env, "PREFECT_API_URL": api_url, "PREFECT_HOME": shlex.split(home_line[len("export "):])[0].split("=", 1)[1]}
         for run in runs:  # exactly what a user types in the other shell, in the printed order
             begun = time.monotonic()
             done = subprocess.run(shlex.split(run) + ["--watch-timeout", "600"], cwd=ROOT, env=user_env,

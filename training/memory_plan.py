@@ -102,7 +102,9 @@ class MemoryPlan:
 
     def text(self) -> str:
         i = self.inputs
-        sharding = "FSDP full shard" + (" + CPU offload" if i.cpu_offload else "") if i.sharding == "fsdp" else "no sharding"
+        sharding = "no sharding"
+        if i.sharding == "fsdp":
+            sharding = "FSDP full shard" + (" + CPU offload" if i.cpu_offload else "")
         lines = [f"memory plan: {i.method}, {self.parameters / 1e9:.2f} B parameters, {i.precision}, {sharding}, "
                  f"{i.gpus} x {i.gpu_memory_gib:g} GiB, length {i.length} x {i.batch_size} row(s) per GPU"
                  f"{', activation checkpointing' if i.activation_checkpointing else ''}"]
@@ -122,7 +124,10 @@ def _activations_gib(i: PlanInputs) -> float:
     tokens = i.length * i.batch_size * SEQUENCES_PER_ROW[i.method]
     scale = 2 if i.precision == "fp32" else 1  # fp32 compute keeps fp32 activations
     per_layer = tokens * (7 * s.hidden_size + 4 * s.intermediate_size) * 2 * scale
-    kept = s.layers * tokens * s.hidden_size * 2 * scale + per_layer if i.activation_checkpointing else s.layers * per_layer
+    if i.activation_checkpointing:
+        kept = s.layers * tokens * s.hidden_size * 2 * scale + per_layer
+    else:
+        kept = s.layers * per_layer
     logits = tokens * 4 * (1 if i.method == "rm" else s.vocab_size)
     return (kept + logits) / GIB
 

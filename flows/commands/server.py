@@ -57,6 +57,7 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 # The line that says the stack is up; a parent process can wait for it (and read the URL from it).
 READY = "export PREFECT_API_URL="
+HOME_LINE = "export PREFECT_HOME="
 # The try-it deployments (prefect.yaml) on the bundled sample, in the order each needs the one before.
 SAMPLE_ORDER = ("build-collection/sample", "build-bench/sample", "evaluate/sample", "train/sample")
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -478,6 +479,8 @@ class LocalPrefect:
         if self.paused:
             lines.append(f"  schedules off (simulated endpoint): {', '.join(self.paused)} runs only when started")
         lines += ["", "In another shell:", f"  {READY}{self.api_url}"]
+        if home := self.base_env.get("PREFECT_HOME"):  # the prefect CLI's own state beside the server's, not in ~
+            lines.append(f"  {HOME_LINE}{shlex.quote(home)}")
         prefect = shell.command("prefect")
         samples = [d for d in SAMPLE_ORDER if d in self.deployments]
         if self.simulator and samples:
