@@ -20,23 +20,31 @@ special token (only BOS and the template's own markers are).
 Defaults: max 1024 tokens, temperature 1.0, top_p 0.9. A response cut at max_tokens is kept (and marked
 `finish_reason="length"`): it is the model's answer under the paper's budget, and the judge grades it.
 Every call is journaled (a local model's generations too), so a rerun pays for nothing twice.
+
+Best-of-N (`best_of`, with `reward_model`; the paper: best-of-64 with Janus-RM): N answers are sampled per
+item, in one request with `n=N` where the server takes it (a one-request probe says; else N requests, each
+journaled under its own salt), or with `num_return_sequences=N` for a local model. The reward model
+(`training/reward.py`) scores them and the best (the first of equals) is the item's response; every answer
+and its score is stored beside the responses in `evals/<bench>/candidates/`, so the responses keep the
+judge's layout. A best-of-N response's `completion_tokens` counts all N answers (what was paid).
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from facets.llm.errors import BadRequest, CallError
-from facets.llm.gateway import Gateway
+from facets.llm.gateway import Completion, Gateway
 from facets.llm.journal import Journal, JournalEntry, request_key
 from facets.llm.slots import connection_limit
 from facets.llm.transport import LeanTransport, Reply
-from facets.schemas import fingerprint, to_table
+from facets.schemas import fingerprint, from_table, to_table
 from facets.schemas.config import Sampling
-from facets.schemas.evaluation import EvalConfig, EvalResponse, GenerationSampling, ModelSpec
+from facets.schemas.evaluation import BestOfCandidate, EvalConfig, EvalResponse, GenerationSampling, ModelSpec
 from facets.schemas.prompt_format import mistral_prompt as shared_mistral_prompt
 from facets.storage import Store
 from facets.evaluation.judge import eval_dir, latest_responses
@@ -108,9 +116,45 @@ def render_local(tokenizer: Any, spec: ModelSpec, system: str, prompt: str) -> t
 
 # -- the endpoint path ---------------------------------------------------------------------------------
 class ModelGateway(Gateway):
-    """The gateway for a model under test: a reply cut by max_tokens is the model's answer, not a failure."""
+    """The gateway for a model under test: a reply cut by max_tokens is the model's answer, not a failure.
+    A call asking for `n` > 1 answers takes them all: its value is [(text, finish_reason)] per choice, and
+    its journal entry holds every choice."""
 
     length_is_failure = False
+
+    @classmethod
+    def judge(cls, call, reply) -> Any:
+        if call.body.get("n", 1) > 1:
+            return list(zip(reply.contents, reply.finish_reasons))
+        return super().judge(call, reply)
+
+    def from_journal(self, call) -> Completion | None:
+        if call.body.get("n", 1) == 1:
+            return super().from_journal(call)
+        entry = self.journal.get(call.key) if self.journal is not None else None
+        if entry is None or entry.rejected is not None:
+            return None
+        choices = journaled_choices(entry)
+        self.usage.journal_hits += 1
+        return Completion(call.key, choices[0][0], choices, entry.usage.prompt_tokens, entry.usage.completion_tokens,
+                          entry.latency_s, True)
+
+    def record(self, call, reply, value, latency: float, source: str, key: str | None = None,
+               rejected: str | None = None) -> None:
+        if len(reply.contents) == 1 or self.journal is None:
+            return super().record(call, reply, value, latency, source, key, rejected)
+        self.journal.put(JournalEntry(
+            key=key or call.key, model=call.model, content=list(reply.contents),
+            finish_reason=list(reply.finish_reasons), latency_s=latency, source=source, rejected=rejected,
+            usage={"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                   "cached_tokens": reply.cached_tokens}))
+
+
+def journaled_choices(entry: JournalEntry) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice a journal entry holds (one, or the n of a call)."""
+    texts = entry.content if isinstance(entry.content, list) else [entry.content]
+    reasons = entry.finish_reason if isinstance(entry.finish_reason, list) else [entry.finish_reason or "stop"]
+    return [(text, reason or "stop") for text, reason in zip(texts, reasons)]
 
 
 class CompletionsTransport(LeanTransport):
@@ -137,6 +181,8 @@ class CompletionsTransport(LeanTransport):
 
 def response_fingerprint(item: BenchItem, spec: ModelSpec, sampling: Sampling) -> str:
     where = {"local": os.path.abspath(spec.local_model)} if spec.local_model else {"served": spec.name}
+    if spec.best_of > 1:  # N is in the sampling's `n`; the judge of the N is part of the answer too
+        where["reward_model"] = os.path.abspath(spec.reward_model)
     system = item.system if spec.system_message else None
     return fingerprint(STAGE, item.item_id, system, item.prompt, where, spec.prompt_format, spec.system_role,
                        sampling.request_fields())
@@ -151,6 +197,7 @@ class GenerateReport:
     failed: int = 0
     truncated: int = 0
     repetition_penalty: float | None = None
+    best_of: int = 1
     notes: list[str] = field(default_factory=list)
     usage: dict = field(default_factory=dict)
 
@@ -189,6 +236,67 @@ async def takes_repetition_penalty(gateway: Gateway, model: str, penalty: float)
     return None
 
 
+async def takes_n(gateway: Gateway, model: str) -> str | None:
+    """None when the server answers a one-token request asking for `n=2` with two choices, else why not.
+    Only a refusal or a single choice counts: other faults are the run's to meet."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1, "temperature": 1.0,
+            "n": 2}
+    try:
+        reply = await gateway.transport.chat(body)
+    except BadRequest as exc:
+        return "refused n: " + " ".join(str(exc).split())[:200]
+    except CallError:
+        return None
+    return None if len(reply.contents) >= 2 else "answered n=2 with one choice"
+
+
+def _all_journaled(gateway: Gateway, spec: ModelSpec, todo: list[BenchItem], sampling: Sampling,
+                   salt: str | None) -> bool:
+    """Whether every item's N answers are in the journal from one request each (a rerun needs no probe)."""
+    return all(gateway.journal.get(gateway.prepare(endpoint_messages(spec, item.system, item.prompt), sampling,
+                                                   model=spec.name, salt=salt).key) is not None for item in todo)
+
+
+@dataclass
+class Answers:
+    """What the model answered to one item: one choice, or the N of best-of-N; tokens are the calls' totals."""
+
+    item: BenchItem
+    choices: list[tuple[str, str]]  # (text, finish_reason)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _finish(done: Completion, sampling: Sampling) -> str:
+    return "length" if done.completion_tokens >= sampling.max_tokens else "stop"
+
+
+async def _ask_each(gateway: Gateway, spec: ModelSpec, todo: list[BenchItem], sampling: Sampling, salt: str | None,
+                    one_request: bool) -> list[Answers]:
+    """Each item's answers: one call (with `n` = N when `one_request`), else N calls of one answer, each under
+    its own salt (journaled apart). An item missing any of its N answers has none (a rerun asks again only
+    for the missing ones)."""
+    n = sampling.n
+    samples = 1 if one_request else n
+    single = sampling if one_request else sampling.model_copy(update={"n": 1})
+    calls = [(item, k, gateway.prepare(endpoint_messages(spec, item.system, item.prompt), single, model=spec.name,
+                                       salt=salt if samples == 1 else f"{salt or ''}/sample-{k}"))
+             for item in todo for k in range(samples)]
+    labels = [f"{spec.key}#{item.item_id}" + (f"#{k}" if samples > 1 else "") for item, k, _ in calls]
+    done = await asyncio.gather(*(gateway.run(call, STAGE, label, 0) for (_, _, call), label in zip(calls, labels)))
+    answers = []
+    for at, item in enumerate(todo):
+        got = done[at * samples:(at + 1) * samples]
+        if any(d is None for d in got):
+            continue
+        if n > 1 and one_request:
+            choices = got[0].value
+        else:
+            choices = [(d.value, _finish(d, sampling)) for d in got]
+        answers.append(Answers(item, choices, max(d.prompt_tokens for d in got), sum(d.completion_tokens for d in got)))
+    return answers
+
+
 async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Store, preflight: bool = True) -> GenerateReport:
     """A response of `spec` to each bench item (the first `config.limit`), stored under evals/<bench>/responses."""
     if spec.local_model:
@@ -197,9 +305,12 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
 
     sampling = spec.sampling(config.generation)
     todo, wanted, reused = _todo(config, spec, bench, store, sampling)
-    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty)
+    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty,
+                            best_of=spec.best_of)
     if not todo:
         return report
+    if spec.best_of > 1:
+        check_reward_model(spec.reward_model)  # before anything is paid for
     endpoint = spec.endpoint()
     if preflight:
         await check_endpoint(endpoint, [spec.name])
@@ -210,7 +321,6 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
         gateway.transport = CompletionsTransport(gateway.url, key, endpoint.retries.timeout_s,
                                                  connection_limit(endpoint.limits), endpoint.max_reply_bytes)
     salt = "completions" if spec.prompt_format == "mistral" else None
-    rows = []
     try:
         if sampling.repetition_penalty is not None:
             refused = await takes_repetition_penalty(gateway, spec.name, sampling.repetition_penalty)
@@ -219,16 +329,12 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
                 sampling = sampling.model_copy(update={"repetition_penalty": None})
                 report.repetition_penalty = None
                 todo, wanted, report.reused = _todo(config, spec, bench, store, sampling)
-        calls = [gateway.prepare(endpoint_messages(spec, item.system, item.prompt), sampling, model=spec.name, salt=salt)
-                 for item in todo]
-        results = await asyncio.gather(*(gateway.run(call, STAGE, f"{spec.key}#{item.item_id}", 0)
-                                         for call, item in zip(calls, todo)))
-        for item, done in zip(todo, results):
-            if done is None:
-                continue
-            finish = "length" if done.completion_tokens >= sampling.max_tokens else "stop"
-            rows.append(_row(spec, bench, item, wanted[item.item_id], done.value, finish, done.prompt_tokens,
-                             done.completion_tokens))
+        one_request = True
+        if sampling.n > 1 and not _all_journaled(gateway, spec, todo, sampling, salt) and \
+                (no_n := await takes_n(gateway, spec.name)):
+            one_request = False
+            report.notes.append(f"the server does not take n ({no_n}); {sampling.n} requests per item")
+        answers = await _ask_each(gateway, spec, todo, sampling, salt, one_request)
         failures = gateway.drain_failures()
         if failures:
             store.write_failures(failures, label="eval-generate")
@@ -236,11 +342,17 @@ async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
     finally:
         await gateway.aclose()
         gateway.journal.close()
-    _store(store, bench, spec, rows, report)
+    rows, candidates = await asyncio.to_thread(_responses, spec, bench, answers, wanted)
+    _store(store, bench, spec, rows, candidates, report)
     return report
 
 
-def _store(store: Store, bench: Bench, spec: ModelSpec, rows: list[EvalResponse], report: GenerateReport) -> None:
+def _store(store: Store, bench: Bench, spec: ModelSpec, rows: list[EvalResponse], candidates: list[BestOfCandidate],
+           report: GenerateReport) -> None:
+    # the candidates first: a response stored is one whose N scores are stored too
+    if candidates:
+        store.write_table(eval_dir(store, bench.version, "candidates"), to_table(candidates, BestOfCandidate),
+                          label=_slug(spec.key))
     if rows:
         store.write_table(eval_dir(store, bench.version, "responses"), to_table(rows, EvalResponse), label=_slug(spec.key))
     report.made = len(rows)
@@ -248,11 +360,71 @@ def _store(store: Store, bench: Bench, spec: ModelSpec, rows: list[EvalResponse]
     report.truncated = sum(1 for r in rows if r.finish_reason == "length")
 
 
+# -- best-of-N: the reward model keeps one answer of N ---------------------------------------------------
+def check_reward_model(path: str) -> None:
+    """Refuse, in one line and before any answer is paid for, a folder that is not a reward model: a
+    transformers sequence-classification model with one score (what `facets train --method rm` saves)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"reward_model {path!r} is not a model directory (no config.json); pass the output "
+                         "directory of `facets train --method rm`")
+    with open(config_file) as handle:
+        config = json.load(handle)
+    heads = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if not any(h.endswith("ForSequenceClassification") for h in heads) or labels != 1:
+        raise ValueError(f"reward_model {path!r} is not a reward model (a sequence-classification model with one "
+                         f"score; it is {', '.join(heads) or 'unknown'} with {labels} labels)")
+
+
+def _responses(spec: ModelSpec, bench: Bench, answers: list[Answers],
+               wanted: dict[str, str]) -> tuple[list[EvalResponse], list[BestOfCandidate]]:
+    """The item's response from its answers: the one answer, or the reward model's best of N with all N scored."""
+    if spec.best_of == 1:
+        return [_row(spec, bench, a.item, wanted[a.item.item_id], *a.choices[0], a.prompt_tokens, a.completion_tokens)
+                for a in answers], []
+    if not answers:
+        return [], []
+    from facets.training.reward import RewardScorer, best_of
+
+    scorer = RewardScorer(spec.reward_model)
+    rows, candidates = [], []
+    for a in answers:
+        fp = wanted[a.item.item_id]
+        system = a.item.system if spec.system_message else ""
+        best, scores = best_of(scorer, system, a.item.prompt, [text for text, _ in a.choices])
+        rows.append(_row(spec, bench, a.item, fp, *a.choices[best], a.prompt_tokens, a.completion_tokens))
+        candidates += [BestOfCandidate(item_id=a.item.item_id, model=spec.key, bench_version=bench.version,
+                                       response_fingerprint=fp, index=k, text=text, finish_reason=finish, score=score,
+                                       kept=k == best, reward_model=os.path.abspath(spec.reward_model))
+                       for k, ((text, finish), score) in enumerate(zip(a.choices, scores))]
+    return rows, candidates
+
+
+def stored_candidates(store: Store, bench_version: str, label: str) -> dict[str, list[BestOfCandidate]]:
+    """item id -> the N scored answers of its newest best-of-N response, in sampling order."""
+    files = store.parquet_files(eval_dir(store, bench_version, "candidates"))
+    if not files:
+        return {}
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(files, format="parquet", filesystem=store.fs).to_table(filter=ds.field("model") == label)
+    newest: dict[str, dict[int, BestOfCandidate]] = {}
+    fingerprints: dict[str, str] = {}
+    for row in sorted(from_table(table, BestOfCandidate), key=lambda r: r.created_at):
+        if fingerprints.get(row.item_id) != row.response_fingerprint or row.index in newest.get(row.item_id, {}):
+            newest[row.item_id] = {}  # a later run's answers replace an earlier one's
+        fingerprints[row.item_id] = row.response_fingerprint
+        newest[row.item_id][row.index] = row
+    return {item: [by_index[k] for k in sorted(by_index)] for item, by_index in newest.items()}
+
+
 # -- the local path ------------------------------------------------------------------------------------
 class LocalModel:
     """A transformers causal LM from a local directory (needs the `training` extra: torch, transformers).
 
-    Prompts are generated in batches of `batch_size`, left-padded, sampling with the run's settings.
+    Prompts are generated in batches of `batch_size`, left-padded, sampling with the run's settings; with
+    `n` > 1 (best-of-N), n sequences a prompt (`num_return_sequences`).
     """
 
     def __init__(self, path: str, device: str | None = None):
@@ -269,7 +441,8 @@ class LocalModel:
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).to(self.device).eval()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seed: int) -> list[tuple[str, str, int, int]]:
-        """(text, finish_reason, prompt tokens, completion tokens) per prompt (its token ids)."""
+        """(text, finish_reason, prompt tokens, completion tokens) per sequence: `sampling.n` a prompt (its token
+        ids), in the prompts' order."""
         torch, tokenizer = self.torch, self.tokenizer
         torch.manual_seed(seed)
         width = max(map(len, prompts))  # left padding: every prompt ends where generation starts
@@ -283,10 +456,11 @@ class LocalModel:
             output = self.model.generate(**encoded, max_new_tokens=sampling.max_tokens, do_sample=sample,
                                          temperature=sampling.temperature if sample else None,
                                          top_p=sampling.top_p if sample else None, pad_token_id=tokenizer.pad_token_id,
-                                         repetition_penalty=getattr(sampling, "repetition_penalty", None))
+                                         repetition_penalty=getattr(sampling, "repetition_penalty", None),
+                                         num_return_sequences=sampling.n)
         width = encoded["input_ids"].shape[1]
         results = []
-        for row, mask in zip(output, encoded["attention_mask"]):
+        for row, mask in zip(output, encoded["attention_mask"].repeat_interleave(sampling.n, dim=0)):
             new = row[width:].tolist()
             eos = tokenizer.eos_token_id
             ended = eos in new
@@ -306,31 +480,43 @@ def generate_local(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Sto
                    load: Callable[[str], LocalModel] = LocalModel) -> GenerateReport:
     sampling = spec.sampling(config.generation)
     todo, wanted, reused = _todo(config, spec, bench, store, sampling)
-    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty)
+    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty,
+                            best_of=spec.best_of)
     if not todo:
         return report
+    if spec.best_of > 1:
+        check_reward_model(spec.reward_model)
     journal = Journal(config.data_dir)
     model = load(spec.local_model)
-    rows: list[EvalResponse] = []
+    answers: list[Answers] = []
     pending: list[tuple[BenchItem, list[int], str]] = []
     for item in todo:
         text, _ = render_local(model.tokenizer, spec, item.system, item.prompt)
         key = local_key(spec, text, sampling, config.seed)
         entry = journal.get(key)
         if entry is not None:
-            rows.append(_row(spec, bench, item, wanted[item.item_id], entry.content, entry.finish_reason or "stop",
-                             entry.usage.prompt_tokens, entry.usage.completion_tokens))
+            answers.append(Answers(item, journaled_choices(entry), entry.usage.prompt_tokens,
+                                   entry.usage.completion_tokens))
         else:
             pending.append((item, local_prompt_ids(model.tokenizer, spec, item.system, item.prompt), key))
+    n = sampling.n
+    prompts_per_batch = max(1, spec.batch_size // n)  # batch_size counts sequences: N of them a prompt
     try:
-        for start in range(0, len(pending), spec.batch_size):
-            batch = pending[start:start + spec.batch_size]
+        for start in range(0, len(pending), prompts_per_batch):
+            batch = pending[start:start + prompts_per_batch]
             outputs = model.generate([ids for _, ids, _ in batch], sampling, config.seed + start)
-            for (item, _, key), (text, finish, prompt_tokens, completion_tokens) in zip(batch, outputs):
-                journal.put(JournalEntry(key=key, model=spec.name, content=text, finish_reason=finish,
-                                         usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}))
-                rows.append(_row(spec, bench, item, wanted[item.item_id], text, finish, prompt_tokens, completion_tokens))
+            for at, (item, _, key) in enumerate(batch):
+                sequences = outputs[at * n:(at + 1) * n]
+                choices = [(text, finish) for text, finish, _, _ in sequences]
+                prompt_tokens, completion_tokens = sequences[0][2], sum(s[3] for s in sequences)
+                journal.put(JournalEntry(
+                    key=key, model=spec.name, content=choices[0][0] if n == 1 else [t for t, _ in choices],
+                    finish_reason=choices[0][1] if n == 1 else [f for _, f in choices],
+                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}))
+                answers.append(Answers(item, choices, prompt_tokens, completion_tokens))
     finally:
         journal.close()
-    _store(store, bench, spec, rows, report)
+    del model  # the reward model takes the accelerator next
+    rows, candidates = _responses(spec, bench, answers, wanted)
+    _store(store, bench, spec, rows, candidates, report)
     return report

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("facets.flows.commands.inspect", "Run DuckDB SQL over the stages and releases of a data dir"),
     "status": ("facets.flows.commands.status", "Done and missing per stage of a data dir"),
     "server": ("facets.flows.commands.server", "A local Prefect server and worker on 127.0.0.1 with the deployments applied"),
-    "train": ("facets.flows.commands.train", "Train SFT, DPO or ORPO on a release with the paper's recipe"),
+    "train": ("facets.flows.commands.train", "Train SFT, DPO, ORPO or a reward model on a release with the paper's recipe (sharded when it must be)"),
     "bench": ("facets.flows.commands.bench", "Build the Multifaceted Bench: system messages, reference answers, rubrics"),
     "eval": ("facets.flows.commands.eval", "Generate responses on the bench and grade them with an LLM judge"),
     "report": ("facets.flows.commands.report", "A release's data report (ROUGE-L, coverage, lengths) and 1/2/3-message subsets"),

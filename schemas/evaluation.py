@@ -42,6 +42,7 @@ JUDGE_MODEL = "gpt-4-0125-preview"
 PAPER_REPETITION_PENALTY = 1.03
 OPEN_FORMATS = ("mistral", "chat")
 NO_SYSTEM_SUFFIX = " (no system message)"
+MAX_BEST_OF = 128  # answers one request may ask for (`n`), as OpenAI-compatible servers allow
 PromptFormat = Literal["mistral", "chat", "openai"]
 
 
@@ -94,6 +95,24 @@ class EvalResponse(EvalRecord):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     fingerprint: str = Field(min_length=1)
+    created_at: datetime = Field(default_factory=_utcnow)
+
+
+class BestOfCandidate(EvalRecord):
+    """One of the N answers sampled for a bench item under best-of-N, with its reward-model score; the
+    kept one is the item's `EvalResponse` (same `response_fingerprint`). Stored beside the responses, so
+    their layout stays the judge's."""
+
+    item_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    bench_version: str
+    response_fingerprint: str = Field(min_length=1)
+    index: int = Field(ge=0)                    # the answer's place among the N
+    text: str
+    finish_reason: str
+    score: float                                # the reward model's
+    kept: bool                                  # the best score (the first of equals)
+    reward_model: str
     created_at: datetime = Field(default_factory=_utcnow)
 
 
@@ -196,6 +215,11 @@ class ModelSpec(Config):
         None, gt=0, description=f"None: {PAPER_REPETITION_PENALTY} for open models (mistral, chat formats) as the paper, "
                                 "none for openai; sent only where the server takes it")
     system_message: bool = Field(True, description="False: the item's prompt alone (the paper's no-system-message arm)")
+    best_of: int = Field(1, ge=1, le=MAX_BEST_OF,
+                         description="N answers sampled per item, the reward model's best one kept (the paper: 64 "
+                                     "with Janus-RM); 1: one answer")
+    reward_model: str | None = Field(None, description="best-of-N: a reward model directory "
+                                                        "(`facets train --method rm`)")
 
     @field_validator("base_url")
     @classmethod
@@ -209,11 +233,20 @@ class ModelSpec(Config):
             raise ValueError("a model is either served (base_url) or local (local_model), not both")
         if self.local_model and self.prompt_format == "openai":
             raise ValueError("a local model takes prompt_format mistral or chat (openai is for endpoints)")
+        if self.best_of > 1 and not self.reward_model:
+            raise ValueError(f"best_of {self.best_of} needs reward_model (--reward-model DIR): a reward model "
+                             "directory trained with `facets train --method rm`")
+        if self.reward_model and self.best_of == 1:
+            raise ValueError("reward_model scores best-of-N answers: set best_of (--best-of N) above 1")
         return self
 
     @property
     def key(self) -> str:
-        return self.label or (self.name if self.system_message else self.name + NO_SYSTEM_SUFFIX)
+        """The label, else the name with what sets the run apart: the no-system-message arm, best-of-N."""
+        if self.label:
+            return self.label
+        return (self.name + ("" if self.system_message else NO_SYSTEM_SUFFIX)
+                + (f" (best-of-{self.best_of})" if self.best_of > 1 else ""))
 
     def penalty(self) -> float | None:
         if self.repetition_penalty is not None:
@@ -221,9 +254,10 @@ class ModelSpec(Config):
         return PAPER_REPETITION_PENALTY if self.prompt_format in OPEN_FORMATS else None
 
     def sampling(self, base: Sampling) -> GenerationSampling:
-        """The run's sampling with this model's repetition penalty."""
+        """The run's sampling with this model's repetition penalty and its N answers per item (`n`)."""
         fields = base.model_dump()
         fields["repetition_penalty"] = self.penalty()
+        fields["n"] = self.best_of
         return GenerationSampling.model_validate(fields)
 
     def endpoint(self) -> EndpointConfig:
@@ -282,3 +316,10 @@ class EvalConfig(Config):
     @classmethod
     def _generation_defaults(cls, value):
         return GenerationSampling.model_validate(value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _best_of_samples(self) -> "EvalConfig":
+        sampled = [m.key for m in self.models if m.best_of > 1]
+        if sampled and self.generation.temperature == 0:
+            raise ValueError(f"best-of-N ({', '.join(sampled)}) samples its N answers: temperature must be above 0")
+        return self

@@ -10,7 +10,7 @@ BASE_MODEL = "mistral-community/Mistral-7B-v0.2"
 
 
 class Recipe(BaseModel):
-    """The published Janus settings of one method (axolotl configs of the paper, shared/notes/paper.md)."""
+    """The published Janus settings of one method (the axolotl configs of the Janus repository)."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -154,14 +154,15 @@ def test_small_replacement_shards_start_at_once_beside_the_others(tmp_path):
                 shard = run.name.split("-", 1)[1]
                 start, end = spans.get(shard, (run.start_time, run.end_time))
                 spans[shard] = (min(start, run.start_time), max(end, run.end_time))
-        if spans.get("b0000-1023") and spans == previous:
+        if any("-draw" in name for name in spans) and spans == previous:
             break
         previous = spans
         time.sleep(1.0)
-    big = {name: span for name, span in spans.items() if name != "b0000-1023"}  # the two shards of 32
-    assert len(big) == 2, spans
-    small_start, small_end = spans["b0000-1023"]  # the replacements: one bucket range, the whole ring
-    assert any(small_start < end and small_end > start for start, end in big.values()), \
+    # the replacements span the whole ring and are named by their draw: b0000-1023-draw1, -draw2, ...
+    small = {name: span for name, span in spans.items() if "-draw" in name}
+    big = {name: span for name, span in spans.items() if name not in small}  # the two shards of 32 (draw 0)
+    assert len(big) == 2 and small and all(name.startswith("b0000-1023-draw") for name in small), spans
+    assert any(s_start < end and s_end > start for s_start, s_end in small.values() for start, end in big.values()), \
         f"a replacement shard ran beside a big one: {spans}"
 
 

@@ -38,14 +38,6 @@ def test_a_build_s_train_after_can_start_the_suite():
     assert config.release == "data/releases/v1" and config.steps()[0][1].release == "data/releases/v1"
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_the_janus_flow_trains_the_suite_once(prefect_server, tmp_path):
     from facets.flows.janus import janus

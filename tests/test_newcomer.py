@@ -34,7 +34,7 @@ def shown_percentages(stderr: str) -> list[float]:
 def test_the_progress_bar_never_goes_back_when_replacement_shards_grow_the_total(monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")  # the Prefect bar: no server in this test
     progress = Progress(listeners=[progress_bar])
-    shard = SimpleNamespace(name="0-7")
+    shard = SimpleNamespace(name="0-7", title="0-7")
     fractions: list[float] = []
 
     async def steps(n: int) -> None:

@@ -19,19 +19,7 @@ from facets.flows.train import launch_command  # noqa: E402
 from facets.schemas.training import TrainConfig  # noqa: E402
 from facets.training.run import SUMMARY_FILE, check_inputs, train  # noqa: E402
 from facets.training.sharding import DDP_CONFIG, FSDP_CONFIG, resolve_sharding  # noqa: E402
-from training_fixtures import corpus, tiny_mistral, write_release  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral", corpus())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release") / "data"
-    write_release(root)
-    return root
+from training_fixtures import data_dir, model_dir  # noqa: E402, F401 (fixtures)
 
 
 def config(data_dir: Path, model_dir: Path, output: Path, method: str = "sft", **overrides) -> TrainConfig:

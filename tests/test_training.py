@@ -17,19 +17,7 @@ torch = pytest.importorskip("torch", reason="the training extra (torch) is insta
 from facets.schemas.training import RECIPES, TrainConfig  # noqa: E402
 from facets.training.data import RowFormatter, TrainingInputError, mistral_prompt  # noqa: E402
 from facets.training.run import SUMMARY_FILE, check_inputs, load_tokenizer, resolve_device, train  # noqa: E402
-from training_fixtures import corpus, release_rows, tiny_mistral, write_release  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral", corpus())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release") / "data"
-    write_release(root)
-    return root
+from training_fixtures import corpus, data_dir, model_dir, release_rows, write_release  # noqa: E402, F401 (fixtures)
 
 
 def config(data_dir: Path, model_dir: Path, output: Path, method: str = "sft", **overrides) -> TrainConfig:
@@ -354,14 +342,6 @@ def test_importing_training_needs_no_gpu_and_no_storage():
 
 
 # -- the flow and the command line ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 BYTECODE = re.compile(r"\b(RESUME|LOAD_FAST|LOAD_CONST|LOAD_GLOBAL|RETURN_VALUE|BUILD_LIST|Disassembly of)\b")
 

@@ -14,19 +14,7 @@ torch = pytest.importorskip("torch", reason="the training extra (torch) is insta
 from facets.schemas.training import RECIPES, TrainConfig  # noqa: E402
 from facets.training.general_pairs import general_pairs, mix_counts  # noqa: E402
 from facets.training.run import load_tokenizer, train  # noqa: E402
-from training_fixtures import corpus, tiny_mistral, write_release  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral", corpus())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("release") / "data"
-    write_release(root)
-    return root
+from training_fixtures import data_dir, model_dir  # noqa: E402, F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

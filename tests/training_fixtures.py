@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from facets.schemas import to_table
 from facets.schemas.release import ChatMessage, PreferencePairRow, RMRow, SFTRow
@@ -111,3 +112,16 @@ def tiny_mistral(model_dir: Path, texts: list[str], vocab_size: int = 600, layer
     MistralForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+# -- fixtures: a tiny model and a release, made once per test module -----------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral", corpus())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("release") / "data"
+    write_release(root)
+    return root

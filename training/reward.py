@@ -24,19 +24,25 @@ class RewardScorer:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def ids(self, system: str, prompt: str, answer: str) -> list[int]:
-        return self.rows({"input": f"{system}\n{prompt}", "chosen": answer, "rejected": answer})["chosen_ids"]
+        # the rm subset's input is `{system}\n{prompt}`; with no system message, the prompt alone
+        scored = f"{system}\n{prompt}" if system else prompt
+        return self.rows({"input": scored, "chosen": answer, "rejected": answer})["chosen_ids"]
 
-    def score(self, system: str, prompt: str, answers: list[str]) -> list[float]:
+    def score(self, system: str, prompt: str, answers: list[str], batch_size: int = 16) -> list[float]:
+        """Each answer's score, `batch_size` answers a forward pass (64 long answers at once would not fit)."""
         import torch
 
-        sequences = [self.ids(system, prompt, answer) for answer in answers]
-        longest = max(map(len, sequences))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in sequences], device=self.device)
-        with torch.no_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        return [round(float(v), 6) for v in logits[:, 0].float().cpu()]
+        scores: list[float] = []
+        for start in range(0, len(answers), batch_size):
+            sequences = [self.ids(system, prompt, answer) for answer in answers[start:start + batch_size]]
+            longest = max(map(len, sequences))
+            input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in sequences], device=self.device)
+            with torch.no_grad():
+                logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            scores.extend(round(float(v), 6) for v in logits[:, 0].float().cpu())
+        return scores
 
 
 def best_of(scorer: Any, system: str, prompt: str, answers: list[str]) -> tuple[int, list[float]]:

@@ -56,6 +56,10 @@ def _model_flags(add, required: bool) -> None:
     add("--no-system-message", dest="system_message", action="store_false", default=None,
         help="the paper's ablation: the prompt alone, without the item's system message (label gets "
              "' (no system message)')")
+    add("--best-of", type=int, metavar="N",
+        help="sample N answers per item and keep the one --reward-model scores best (the paper: 64); all N "
+             "scores go to evals/<bench>/candidates (label gets ' (best-of-N)')")
+    add("--reward-model", metavar="DIR", help="best-of-N: a reward model directory (`facets train --method rm`)")
 
 
 def _judge_flags(add) -> None:
@@ -109,7 +113,8 @@ def load_config(args: argparse.Namespace):
         for flag, key in (("label", "label"), ("base_url", "base_url"), ("api_key_env", "api_key_env"),
                           ("local_model", "local_model"), ("prompt_format", "prompt_format"),
                           ("system_role", "system_role"), ("batch_size", "batch_size"),
-                          ("repetition_penalty", "repetition_penalty"), ("system_message", "system_message")):
+                          ("repetition_penalty", "repetition_penalty"), ("system_message", "system_message"),
+                          ("best_of", "best_of"), ("reward_model", "reward_model")):
             _set(spec, key, getattr(args, flag))
         if args.local_model and not args.prompt_format:
             spec["prompt_format"] = "chat"
@@ -180,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     code = 0
     for label, g in report["generated"].items():
+        kept = f", each the best of {g['best_of']} by the reward model" if g.get("best_of", 1) > 1 else ""
         print(f"{label}: {g['reused'] + g['made']} of {g['items']} responses ({g['made']} new, {g['failed']} failed, "
-              f"{g['truncated']} cut at max_tokens)")
+              f"{g['truncated']} cut at max_tokens{kept})")
         for note in g.get("notes", []):
             print(f"  {label}: {note}")
         code = code or (1 if g["failed"] else 0)
