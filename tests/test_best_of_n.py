@@ -233,7 +233,7 @@ def test_the_evaluate_flow_judges_best_of_n_responses_of_a_completions_endpoint(
     from facets.flows.evaluate import evaluate
     from facets.schemas.config import EndpointConfig
     from facets.schemas.evaluation import JudgeConfig
-    from test_published_bench import published_rows
+    from published_fixtures import published_rows
 
     copy = tmp_path / "Multifaceted-Bench"
     (copy / "data").mkdir(parents=True)

@@ -20,7 +20,7 @@ from facets.schemas import Rubric
 from facets.schemas.config import RateLimits
 from facets.schemas.evaluation import BENCHMARKS, BenchConfig, EvalConfig, JudgeConfig, ModelSpec
 from facets.storage import Store
-from facets.evaluation.bench_release import Bench, BenchError, BenchItem, load_bench
+from facets.evaluation.bench_release import Bench, BenchItem, load_bench
 from facets.evaluation.judge import judge_messages, load_judge_template, summary_csv, summary_markdown, summary_png
 from facets.evaluation.paper_table import PICTURE_ROWS, TABLE_2, comparability_notes
 from facets.evaluation.published_bench import (
@@ -31,27 +31,10 @@ from facets.evaluation.published_bench import (
     target_counts,
 )
 from facets.evaluation.sources import load_bench_prompts
+from published_fixtures import published_rows
 
 DATA = Path(__file__).parent / "data"
 SOURCES = [f"{name}={DATA / 'bench' / name}" for name in BENCHMARKS]
-
-
-def published_rows() -> list[dict]:
-    """Five rows in the published layout from the two README records (sources and prompts varied)."""
-    readme = json.loads((DATA / "published" / "janus_readme_b6df510_multifaceted_bench_example.json").read_text())
-    old = json.loads((DATA / "published" / "janus_readme_5529fba_multifaceted_bench_example_468.json").read_text())["468"]
-    flask_row = {"source": readme["source"], "preference_set": None, "system": readme["system"],
-                 "prompt": readme["prompt"], "reference_answer": readme["reference_answer"], "rubrics": readme["rubric"]}
-    base = {"preference_set": old["preference"], "system": old["system_prompt"], "prompt": old["user_prompt"],
-            "reference_answer": old["reference_answer"], "rubrics": old["rubric"]}
-    return [
-        flask_row,
-        {**base, "source": "self-instruct"},
-        {**base, "source": "koala", "prompt": old["user_prompt"] + " Keep it under 200 words."},
-        {**base, "source": "mt-bench", "prompt": "Explain " + old["user_prompt"]},
-        # the same prompt again under another system message: another item
-        {**base, "source": "alpaca-eval", "system": readme["system"]},
-    ]
 
 
 @pytest.fixture
