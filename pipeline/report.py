@@ -251,5 +251,5 @@ class ReleaseFiles:
 
 
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
-_PICTURE = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")        # a picture beside the card
-_LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([\w.-]+\.(?:html|json|md))\)")  # a file beside the card
+_PICTURE = re.compile(r"!\[([^\]]*)\]\(((?:[\w.-]+/)*[\w.-]+\.png)\)")  # a picture in the release folder
+_LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(((?:[\w.-]+/)*[\w.-]+\.(?:html|json|md))\)")  # a file in it

@@ -36,10 +36,14 @@ def release_folder(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     figure = plt.figure(figsize=(1, 1))
     figure.savefig(folder / "sunburst.png")
+    (folder / "report").mkdir()
+    figure.savefig(folder / "report" / "rouge_l.png")
     plt.close(figure)
     (folder / "README.md").write_text("---\npretty_name: x\nconfigs: []\n---\n\n# Release `abc123`\n\n"
                                       "[Interactive sunburst](sunburst.html) here.\n\n"
-                                      "![Sunburst of dimension](sunburst.png)\n", encoding="utf-8")
+                                      "![Sunburst of dimension](sunburst.png)\n\n"
+                                      "![ROUGE-L](report/rouge_l.png) of the [data report](report/README.md)\n",
+                                      encoding="utf-8")
     return folder
 
 
@@ -69,6 +73,8 @@ def test_the_release_artifact_is_the_card_without_front_matter_and_with_its_pict
     assert card.startswith(f"Release `abc123` at `{folder}`")
     assert "pretty_name" not in card and "# Release `abc123`" in card
     assert "![Sunburst of dimension](data:image/png;base64," in card
+    assert "![ROUGE-L](data:image/png;base64," in card  # the data report's pictures, in report/
+    assert f"data report (`{folder}/report/README.md`)" in card
     assert f"Interactive sunburst (`{folder}/sunburst.html`) here." in card
     assert "(no card found)" in ReleaseFiles(str(tmp_path / "missing")).card_markdown("x")
 
