@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the training extra (torch) is installed by `make test`")
 
-from facets.flows.train import launch_command  # noqa: E402
+from facets.training.launch import launch_command  # noqa: E402
 from facets.schemas.training import TrainConfig  # noqa: E402
 from facets.training.run import SUMMARY_FILE, check_inputs, train  # noqa: E402
 from facets.training.sharding import DDP_CONFIG, FSDP_CONFIG, resolve_sharding  # noqa: E402
