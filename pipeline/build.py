@@ -58,7 +58,7 @@ async def run_build(config: BuildConfig, logger) -> dict:
     usage = {stage: gateway.usage.summary() for stage, gateway in ctx.gateways.items()}
     if dispatch is not None:  # the shard runs' calls, and those of the small shards run here
         usage = merge_usage([usage, *dispatch.usage])
-    report = BuildReport.collect(shards, usage, wanted, time.monotonic() - started)
+    report = BuildReport.collect([shard.summary() for shard in shards], usage, wanted, time.monotonic() - started)
     report.reruns = dispatch.crashed if dispatch is not None else 0
     report.structured_output = ctx.config.endpoint.structured_output
     if report.accepted < wanted:

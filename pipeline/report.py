@@ -106,15 +106,16 @@ class BuildReport(BaseModel):
     release: dict[str, Any] | None = None
 
     @classmethod
-    def collect(cls, shards: list, usage: dict[str, dict[str, Any]], wanted: int, seconds: float) -> "BuildReport":
+    def collect(cls, summaries: list, usage: dict[str, dict[str, Any]], wanted: int, seconds: float) -> "BuildReport":
+        """The build's figures: the sums of its shards' summaries (`ShardSummary`, wherever a shard ran)."""
         stages = {stage: Counter() for stage in STAGE_NAMES}
-        for shard in shards:
-            for stage, count in shard.counts.items():
-                stages[stage].update(count.as_dict())
-        failures = sum((s.failures for s in shards), Counter())
+        for summary in summaries:
+            for stage, count in summary.counts.items():
+                stages[stage].update(count)
+        failures = sum((Counter(s.failures) for s in summaries), Counter())
         return cls(
-            wanted=wanted, accepted=sum(len(s.accepted()) for s in shards),
-            drawn=sum(len(s.instructions) for s in shards), shards=len(shards),
+            wanted=wanted, accepted=sum(len(s.accepted) for s in summaries),
+            drawn=sum(s.drawn for s in summaries), shards=len(summaries),
             stages={stage: {k: c[k] for k in ("reused", "made", "failed")} for stage, c in stages.items()},
             failures=dict(failures.most_common()),
             usage=usage, seconds=round(seconds, 3),

@@ -23,7 +23,7 @@ from facets.pipeline.report import Progress
 from facets.pipeline.selection import Pool
 from facets.pipeline.shard import Shard, overlapping
 from facets.pipeline.shard_run import run_stages
-from facets.schemas.shards import ShardSpec
+from facets.schemas.shards import ShardSpec, ShardSummary
 from facets.schemas.stages import STAGE_NAMES
 from facets.tasks.plan import buckets_per_shard, shard_ranges
 
@@ -31,11 +31,11 @@ StageEnded = Callable[[str], Awaitable[None]]
 
 
 class ShardExecutor(Protocol):
-    """Runs one shard through every stage; `stage_ended` is awaited as each stage of the shard ends (or, for
-    a run elsewhere, once per stage when it is back), `reported` when a run elsewhere reports a stage's end
-    with the instructions still alive."""
+    """Runs one shard through every stage and returns its summary (the same type wherever it ran);
+    `stage_ended` is awaited as each stage of the shard ends (or, for a run elsewhere, once per stage when it
+    is back), `reported` when a run elsewhere reports a stage's end with the instructions still alive."""
 
-    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> None: ...
+    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> ShardSummary: ...
 
 
 class InProcess:
@@ -44,10 +44,11 @@ class InProcess:
     def __init__(self, ctx: BuildContext, tree_slots: asyncio.Semaphore | None = None):
         self.ctx, self.tree_slots = ctx, tree_slots
 
-    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> None:
+    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> ShardSummary:
         slot = contextlib.nullcontext if self.tree_slots is None else (lambda: self.tree_slots)
         await run_stages(self.ctx, shard, slot, after_stage=stage_ended)
         shard.finish()
+        return shard.summary()
 
 
 class OnWorkPool:
@@ -57,14 +58,16 @@ class OnWorkPool:
     def __init__(self, ctx: BuildContext, dispatch: ShardDispatch):
         self.ctx, self.dispatch = ctx, dispatch
 
-    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> None:
+    async def run(self, shard: Shard, stage_ended: StageEnded, reported: Callable[[int], None]) -> ShardSummary:
         dispatch = self.dispatch
         spec = ShardSpec(build=dispatch.build, lo=shard.lo, hi=shard.hi, ids=list(shard.instructions),
                          tree_limit=dispatch.tree_limit, journal_tag=dispatch.scope.tag,
                          stored=overlapping(self.ctx.stored, shard.lo, shard.hi))
-        shard.apply(await dispatch.run(spec, on_progress=lambda report: reported(report.alive)))
+        summary = await dispatch.run(spec, on_progress=lambda report: reported(report.alive))
+        shard.apply(summary)  # before the stages are reported: replacements are drawn from what it accepted
         for stage in STAGE_NAMES:
             await stage_ended(stage)
+        return summary
 
 
 async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Progress,
@@ -84,11 +87,10 @@ async def build_shards(ctx: BuildContext, pool: Pool, wanted: int, progress: Pro
             for stage in STAGE_NAMES:
                 await progress.advance(stage, shard)
             return
-        if config.is_small(len(shard.instructions)):
-            await small_here.run(shard, lambda stage: advance(stage, shard), lambda alive: reported(shard, alive))
-            return
-        async with limit:
-            await executor.run(shard, lambda stage: advance(stage, shard), lambda alive: reported(shard, alive))
+        runner = small_here if config.is_small(len(shard.instructions)) else executor
+        async with contextlib.nullcontext() if runner is small_here else limit:
+            summary = await runner.run(shard, lambda stage: advance(stage, shard), lambda alive: reported(shard, alive))
+        shard.apply(summary)  # one summary type from either executor, taken the same way
 
     async def advance(stage: str, shard: Shard) -> None:
         await progress.advance(stage, shard)

@@ -18,9 +18,10 @@ from facets.schemas.shards import ShardSummary
 from facets.storage import Store
 from facets.storage.stages import model_of
 from facets.pipeline.feed import Feed
+from facets.schemas.stages import STAGES
 from facets.tasks.plan import Fingerprints
 
-PER_INSTRUCTION = ("preference_trees", "pairs")  # one row per instruction, keyed (id, 0)
+PER_INSTRUCTION = tuple(stage.name for stage in STAGES if stage.rows != "per_set")  # one row each, keyed (id, 0)
 _RANGE = re.compile(r"^b(\d+)-(\d+)-")
 
 
@@ -107,7 +108,8 @@ class Shard:
         self.instructions = {iid: None for iid in self.instructions}
 
     def summary(self, **fields) -> ShardSummary:
-        return ShardSummary(name=self.name, accepted=self.accepted(), failures=dict(self.failures),
+        return ShardSummary(name=self.name, accepted=self.accepted(), drawn=len(self.instructions),
+                            failures=dict(self.failures),
                             counts={stage: count.as_dict() for stage, count in self.counts.items()}, **fields)
 
     def apply(self, summary: ShardSummary) -> None:

@@ -37,6 +37,7 @@ class ShardSummary(BaseModel):
     name: str
     run: str = Field("", description="id of the flow run that wrote it")
     accepted: list[str] = Field(default_factory=list, description="instructions with every row, a pair included")
+    drawn: int = Field(0, ge=0, description="instructions drawn into the shard, accepted or not")
     counts: dict[str, dict[str, int]] = Field(default_factory=dict, description="stage -> reused, made, failed")
     failures: dict[str, int] = Field(default_factory=dict, description="stage:reason -> rows")
     usage: dict[str, dict[str, Any]] = Field(default_factory=dict, description="LLM stage -> calls, tokens, cost")

@@ -64,6 +64,11 @@ def test_build_with_faults_gives_exactly_n_complete_instructions_and_a_loadable_
     n = 8
     assert report["accepted"] == n
     assert sum(stats["faults"].values()) > 0, "faults were injected"
+    # the shards' summaries add up: every drawn instruction went through the tree stage once, every accepted
+    # one has its pair
+    trees, pairs = report["stages"]["preference_trees"], report["stages"]["pairs"]
+    assert trees["reused"] + trees["made"] + trees["failed"] == report["drawn"]
+    assert pairs["reused"] + pairs["made"] == report["accepted"]
     assert stats["paid_twice"] == 0
     release = Path(report["release"]["path"])
     sft = datasets.load_dataset("parquet", data_dir=str(release / "sft"), split="train")
