@@ -44,7 +44,7 @@ from facets.llm.slots import connection_limit
 from facets.llm.transport import LeanTransport, Reply
 from facets.schemas import fingerprint, from_table, to_table
 from facets.schemas.config import Sampling
-from facets.schemas.evaluation import BestOfCandidate, EvalConfig, EvalResponse, GenerationSampling, ModelSpec
+from facets.schemas.evaluation import BestOfCandidate, EvalConfig, EvalResponse, ModelSpec
 from facets.schemas.prompt_format import mistral_prompt as shared_mistral_prompt
 from facets.storage import Store
 from facets.evaluation.judge import eval_dir, latest_responses
@@ -297,20 +297,27 @@ async def _ask_each(gateway: Gateway, spec: ModelSpec, todo: list[BenchItem], sa
     return answers
 
 
+def _started(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Store):
+    """A generation run's sampling, the items it still has to answer, all it wants, and its report so far; a
+    best-of run's reward model is checked here, before anything is paid for."""
+    sampling = spec.sampling(config.generation)
+    todo, wanted, reused = _todo(config, spec, bench, store, sampling)
+    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty,
+                            best_of=spec.best_of)
+    if todo and spec.best_of > 1:
+        check_reward_model(spec.reward_model)
+    return sampling, todo, wanted, report
+
+
 async def generate(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Store, preflight: bool = True) -> GenerateReport:
     """A response of `spec` to each bench item (the first `config.limit`), stored under evals/<bench>/responses."""
     if spec.local_model:
         return await asyncio.to_thread(generate_local, config, spec, bench, store)
     from facets.llm.preflight import check_endpoint
 
-    sampling = spec.sampling(config.generation)
-    todo, wanted, reused = _todo(config, spec, bench, store, sampling)
-    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty,
-                            best_of=spec.best_of)
+    sampling, todo, wanted, report = _started(config, spec, bench, store)
     if not todo:
         return report
-    if spec.best_of > 1:
-        check_reward_model(spec.reward_model)  # before anything is paid for
     endpoint = spec.endpoint()
     if preflight:
         await check_endpoint(endpoint, [spec.name])
@@ -478,14 +485,9 @@ def local_key(spec: ModelSpec, text: str, sampling: Sampling, seed: int) -> str:
 
 def generate_local(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Store,
                    load: Callable[[str], LocalModel] = LocalModel) -> GenerateReport:
-    sampling = spec.sampling(config.generation)
-    todo, wanted, reused = _todo(config, spec, bench, store, sampling)
-    report = GenerateReport(spec.key, len(wanted), reused=reused, repetition_penalty=sampling.repetition_penalty,
-                            best_of=spec.best_of)
+    sampling, todo, wanted, report = _started(config, spec, bench, store)
     if not todo:
         return report
-    if spec.best_of > 1:
-        check_reward_model(spec.reward_model)
     journal = Journal(config.data_dir)
     model = load(spec.local_model)
     answers: list[Answers] = []
