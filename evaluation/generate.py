@@ -222,32 +222,31 @@ def _todo(config: EvalConfig, spec: ModelSpec, bench: Bench, store: Store,
     return todo, wanted, len(items) - len(todo)
 
 
-async def takes_repetition_penalty(gateway: Gateway, model: str, penalty: float) -> str | None:
-    """None when the server answers a one-token request carrying `repetition_penalty`, else its refusal.
-    Only a refusal (4xx, or a 5xx saying the request is invalid) counts: other faults are the run's to meet."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1, "temperature": 0,
-            "repetition_penalty": penalty}
+async def _probe(gateway: Gateway, model: str, **fields: Any) -> tuple[Reply | None, str | None]:
+    """A one-token request with `fields`: (its reply, None), or (None, the server's refusal). Only a refusal
+    (4xx, or a 5xx saying the request is invalid) counts as an answer about `fields`; other faults are the
+    run's to meet, and give (None, None)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1, **fields}
     try:
-        await gateway.transport.chat(body)
+        return await gateway.transport.chat(body), None
     except BadRequest as exc:
-        return " ".join(str(exc).split())[:200]
+        return None, " ".join(str(exc).split())[:200]
     except CallError:
-        pass
-    return None
+        return None, None
+
+
+async def takes_repetition_penalty(gateway: Gateway, model: str, penalty: float) -> str | None:
+    """None when the server takes `repetition_penalty`, else its refusal."""
+    _, refused = await _probe(gateway, model, temperature=0, repetition_penalty=penalty)
+    return refused
 
 
 async def takes_n(gateway: Gateway, model: str) -> str | None:
-    """None when the server answers a one-token request asking for `n=2` with two choices, else why not.
-    Only a refusal or a single choice counts: other faults are the run's to meet."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1, "temperature": 1.0,
-            "n": 2}
-    try:
-        reply = await gateway.transport.chat(body)
-    except BadRequest as exc:
-        return "refused n: " + " ".join(str(exc).split())[:200]
-    except CallError:
-        return None
-    return None if len(reply.contents) >= 2 else "answered n=2 with one choice"
+    """None when the server answers `n=2` with two choices, else why not."""
+    reply, refused = await _probe(gateway, model, temperature=1.0, n=2)
+    if refused:
+        return f"refused n: {refused}"
+    return None if reply is None or len(reply.contents) >= 2 else "answered n=2 with one choice"
 
 
 def _all_journaled(gateway: Gateway, spec: ModelSpec, todo: list[BenchItem], sampling: Sampling,

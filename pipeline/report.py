@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from facets.llm.dialects import DIALECTS, describe
+from facets.release.markdown import markdown_table
 from facets.schemas.stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,6 @@ class BuildReport(BaseModel):
             if files is not None:
                 out += [files.picture("sunburst.png", "Sunburst of dimension, subdimension and preference"), ""]
         return "\n".join(out)
-
-
-def markdown_table(header: list[str], rows: list) -> str:
-    def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ").strip() or " "
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
 async def publish_artifacts(report: BuildReport) -> None:

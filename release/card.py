@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from facets.release.fidelity import differences, unknowns
+from facets.release.markdown import markdown_table
 from facets.release.sunburst import Node
 
 PAPER = ('Lee et al., "Aligning to Thousands of Preferences via System Message Generalization", '
@@ -94,16 +95,6 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _cell(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip() or " "
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _size_category(rows: int) -> str:
     for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if rows < bound:
@@ -150,7 +141,7 @@ def licence_section(facts: "CardFacts") -> list[str]:
            "rebuild's layout and selection. The generated text (preference trees, system messages, responses) was "
            f"written by {models}: the terms of that model's provider apply to it as well. The instructions keep "
            "the terms of the dataset each came from:", ""]
-    out += [_table(["main_source", "terms of the source"],
+    out += [markdown_table(["main_source", "terms of the source"],
                    [(source, SOURCE_TERMS.get(source, "a source of your own: its own terms")) for source, _, _ in
                     facts.sources]), ""]
     return out
@@ -164,7 +155,7 @@ def fidelity_section(config: dict[str, Any]) -> list[str]:
     rows = differences(config)
     if rows:
         out += ["Settings of this build that differ from the paper's (`--profile paper` builds with the paper's):", ""]
-        out += [_table(["setting", "this build", "the paper"], rows), ""]
+        out += [markdown_table(["setting", "this build", "the paper"], rows), ""]
     else:
         out += ["This build used every setting of the paper that is known.", ""]
     out += [f"- {note}" for note in unknowns(config)] + [""]
@@ -186,7 +177,7 @@ def render_card(facts: CardFacts) -> str:
             f"per system message. {facts.instructions:,} instructions are in this release.", ""]
 
     out += ["## Subsets", ""]
-    out += [_table(["config", "layout", "train", "test"],
+    out += [markdown_table(["config", "layout", "train", "test"],
                    [(f"`{name}`", LAYOUTS.get(name, ""), f"{parts.get('train', 0):,}",
                      f"{parts['test']:,}" if "test" in parts else "")
                     for name, parts in facts.splits.items()]), ""]
@@ -207,23 +198,23 @@ def render_card(facts: CardFacts) -> str:
             subs = [n for n in facts.nodes if n.parent == dim.id]
             rows.append((dim.label, f"{100 * dim.value / total:.1f}%",
                          ", ".join(f"{s.label} ({s.value:,})" for s in subs[:6])))
-        out += [_table(["dimension", "share", "most frequent subdimensions (preferences)"], rows), ""]
+        out += [markdown_table(["dimension", "share", "most frequent subdimensions (preferences)"], rows), ""]
 
     out += ["## Sources", ""]
-    out += [_table(["main_source", "instructions", "SFT rows"],
+    out += [markdown_table(["main_source", "instructions", "SFT rows"],
                    [(s, f"{i:,}", f"{r:,}") for s, i, r in facts.sources]), ""]
 
     out += ["## Stages", ""]
     out += ["Rows of the build that produced this release. Rows of earlier builds (other fingerprints) and rows "
             "written twice by a retried shard are ignored.", ""]
-    out += [_table(["stage", "rows expected", "rows found", "rows of other builds ignored", "duplicate rows ignored"],
+    out += [markdown_table(["stage", "rows expected", "rows found", "rows of other builds ignored", "duplicate rows ignored"],
                    [(s["stage"], f"{s['expected']:,}", f"{s['found']:,}", f"{s['stale']:,}", f"{s['duplicates']:,}")
                     for s in facts.stages]), ""]
     left = sum(facts.left_out.values())
     if left:
         out += [f"Left out of this release because a stage row was missing: {left:,} "
                 f"instruction{'s' if left != 1 else ''} of the build.", ""]
-        out += [_table(["reason", "instructions"], [(r, f"{n:,}") for r, n in sorted(facts.left_out.items())]), ""]
+        out += [markdown_table(["reason", "instructions"], [(r, f"{n:,}") for r, n in sorted(facts.left_out.items())]), ""]
     else:
         out += ["No instruction of the build was left out.", ""]
 
@@ -231,7 +222,7 @@ def render_card(facts: CardFacts) -> str:
     if facts.failures:
         out += ["Rows that could not be produced (all builds in this data directory), by stage and reason; "
                 "the failed instructions are not in the release.", ""]
-        out += [_table(["stage", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in facts.failures]), ""]
+        out += [markdown_table(["stage", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in facts.failures]), ""]
     else:
         out += ["None recorded.", ""]
 
@@ -245,7 +236,7 @@ def render_card(facts: CardFacts) -> str:
 
     out += ["## Models and prompts", ""]
     stages = list(dict.fromkeys([*facts.models, *facts.prompt_versions]))
-    out += [_table(["stage", "model", "prompt version"],
+    out += [markdown_table(["stage", "model", "prompt version"],
                    [(s, facts.models.get(s, ""), facts.prompt_versions.get(s, "")) for s in stages]), ""]
     if dialect := (facts.config.get("endpoint") or {}).get("structured_output"):
         out += [f"Structured output was asked for as `{dialect}`.", ""]
@@ -260,7 +251,7 @@ def render_card(facts: CardFacts) -> str:
                      f"{tokens['prompt_tokens']:,}", f"{tokens['completion_tokens']:,}",
                      f"{sum(int(u.get('rate_limited') or 0) for u in facts.usage.values()):,}",
                      format_cost(total_cost(facts.usage))))
-        out += [_table(["stage", "requests", "prompt tokens", "completion tokens", "rate limited (429)", "cost (USD)"], rows), ""]
+        out += [markdown_table(["stage", "requests", "prompt tokens", "completion tokens", "rate limited (429)", "cost (USD)"], rows), ""]
         out += ["Usage of the build run that published this release (an incremental run counts only the calls "
                 "it made). A cost is unknown when a model's price is not known.", ""]
     else:

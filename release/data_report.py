@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 
 from facets.schemas import DIMENSIONS
+from facets.release.markdown import markdown_table
 from facets.release.rouge import rouge_l, tokens
 
 REPORT_DIR = "report"
@@ -236,32 +237,30 @@ def lengths_png(report: DataReport) -> bytes:
 
 
 # -- Markdown and files --------------------------------------------------------------------------------
-def _dist_row(name: str, d: Distribution) -> str:
-    return f"| {name} | {d.count} | {d.mean:.3f} | {d.median:.3f} | {d.p10:.3f} | {d.p90:.3f} |"
+def _dist_row(name: str, d: Distribution) -> tuple:
+    return name, d.count, f"{d.mean:.3f}", f"{d.median:.3f}", f"{d.p10:.3f}", f"{d.p90:.3f}"
 
 
 def report_markdown(report: DataReport, pictures: bool = True, folder: str = "") -> str:
     """The report as markdown; `folder`: where its pictures are, seen from where the markdown is read."""
+    rouge = [*(_dist_row(f"descriptions: {d}", report.description_rouge[d]) for d in DIMENSIONS),
+             _dist_row("system messages of one instruction", report.system_rouge)]
+    coverage = [(d, c.distinct, f"{100 * c.top_share:.1f}%", ", ".join(f"{sub} ({n})" for sub, n in c.top[:5]))
+                for d, c in ((d, report.coverage[d]) for d in DIMENSIONS)]
+    lengths = [(name, d.count, f"{d.mean:.1f}", f"{d.median:.0f}", f"{d.p10:.0f}", f"{d.p90:.0f}", f"{d.maximum:.0f}")
+               for name, d in report.lengths.items()]
     lines = [f"# Data report: release {report.release}", "",
              f"{report.rows} SFT rows, {report.instructions} instructions; samples seeded with {report.seed}.", "",
              "## Pairwise ROUGE-L (lower is more diverse)", "",
-             "| pairs of | pairs | mean | median | p10 | p90 |", "|---|---|---|---|---|---|",
-             *[_dist_row(f"descriptions: {d}", report.description_rouge[d]) for d in DIMENSIONS],
-             _dist_row("system messages of one instruction", report.system_rouge), ""]
+             markdown_table(["pairs of", "pairs", "mean", "median", "p10", "p90"], rouge), ""]
     if pictures:
         lines += [f"![ROUGE-L]({folder}rouge_l.png)", ""]
     lines += ["## Subdimension coverage", "",
-              f"| dimension | subdimensions | top {TOP} cover | most frequent |", "|---|---|---|---|"]
-    for d in DIMENSIONS:
-        c = report.coverage[d]
-        top = ", ".join(f"{sub} ({n})" for sub, n in c.top[:5])
-        lines.append(f"| {d} | {c.distinct} | {100 * c.top_share:.1f}% | {top} |")
-    lines.append("")
+              markdown_table(["dimension", "subdimensions", f"top {TOP} cover", "most frequent"], coverage), ""]
     if pictures:
         lines += [f"![Subdimensions]({folder}subdimensions.png)", ""]
-    lines += ["## Lengths (words)", "", "| text | count | mean | median | p10 | p90 | max |", "|---|---|---|---|---|---|---|"]
-    for name, d in report.lengths.items():
-        lines.append(f"| {name} | {d.count} | {d.mean:.1f} | {d.median:.0f} | {d.p10:.0f} | {d.p90:.0f} | {d.maximum:.0f} |")
+    lines += ["## Lengths (words)", "",
+              markdown_table(["text", "count", "mean", "median", "p10", "p90", "max"], lengths)]
     if pictures:
         lines += ["", f"![Lengths]({folder}lengths.png)"]
     return "\n".join(lines) + "\n"
